@@ -1,7 +1,6 @@
 """Configurations for the skin-dualnet models: the Deep-UNet lesion segmenter and the dual-encoder classifier."""
 
 import re
-from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -9,6 +8,7 @@ from transformers import PreTrainedConfig
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+LESION_MODES = ("mask", "crop", "mask_crop")
 HAM10000_LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 # Canonical site vocabulary: ISIC 2019's `anatom_site_general` values plus "torso" for HAM10000's "trunk",
@@ -221,7 +221,7 @@ class SkinDualNetConfig(PreTrainedConfig):
     metadata_layers: int = 2
     metadata_heads: int = 4
     metadata_field_dropout: float | int = 0.1
-    lesion_mode: Literal["mask", "crop", "mask_crop"] = "mask_crop"
+    lesion_mode: str = "mask_crop"
     lesion_margin: float | int = 0.1
     min_lesion_fraction: float = 0.005
     sex_vocab: list[str] | None = None
@@ -288,6 +288,8 @@ class SkinDualNetConfig(PreTrainedConfig):
         for vocab in ("sex_vocab", "site_vocab"):
             if not getattr(self, vocab) or getattr(self, vocab)[0] != "unknown":
                 raise ValueError(f"`{vocab}` must start with the 'unknown' token, got {getattr(self, vocab)}.")
+        if self.lesion_mode not in LESION_MODES:
+            raise ValueError(f"`lesion_mode` must be one of {LESION_MODES}, got {self.lesion_mode!r}.")
         if not 0.0 <= self.metadata_field_dropout < 1.0:
             raise ValueError(f"`metadata_field_dropout` must lie in [0, 1), got {self.metadata_field_dropout}.")
         if not 0.0 <= self.min_lesion_fraction < 1.0:
@@ -296,6 +298,16 @@ class SkinDualNetConfig(PreTrainedConfig):
             raise ValueError(f"`lesion_margin` must be non-negative, got {self.lesion_margin}.")
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (RGB), got {self.num_channels}.")
+
+    def label_to_id(self, label: str | int) -> int:
+        """Class index of a label name (or a checked index); a `ValueError` lists the valid labels."""
+        if isinstance(label, int) and not isinstance(label, bool):
+            if 0 <= label < self.num_labels:
+                return label
+            raise ValueError(f"Label index {label} is out of range [0, {self.num_labels}); labels: {self.id2label}.")
+        if label not in self.label2id:
+            raise ValueError(f"Unknown label {label!r}; valid labels: {list(self.label2id)}.")
+        return int(self.label2id[label])
 
     def gradcam_layer(self) -> str | None:
         """The Grad-CAM layer inside each trunk: the configured one, or the default for the trunk family

@@ -1,0 +1,325 @@
+"""Checks every skin-dualnet model must pass, on the tiny presets (CPU, 64 px, batch 2)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from isolation import run_isolated
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+import modeling_skinlesion as sl
+
+PRESETS = Path(__file__).resolve().parents[1] / "configuration"
+BATCH = 2
+
+
+def tiny_classifier_config(**overrides) -> sl.SkinDualNetConfig:
+    config = AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_segmenter_config() -> sl.SkinLesionSegmenterConfig:
+    return AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json")
+
+
+def lesion_like_mask(size: int, batch: int = BATCH) -> torch.Tensor:
+    """A centred disc per image: a plausible lesion mask."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((ys - size / 2) ** 2 + (xs - size / 2) ** 2 < (size / 4) ** 2).float()
+    return disc.expand(batch, 1, size, size).clone()
+
+
+class ModelTesterMixin:
+    """Shared checks (transformers / diffusers style). Subclasses provide the model and its inputs."""
+
+    model_class: type
+    auto_class: type
+
+    def make_config(self):
+        raise NotImplementedError
+
+    def make_inputs(self, config, with_labels: bool = False) -> dict:
+        raise NotImplementedError
+
+    def check_output_shapes(self, config, outputs) -> None:
+        raise NotImplementedError
+
+    def make_model(self):
+        torch.manual_seed(0)
+        config = self.make_config()
+        return self.model_class(config), config
+
+    def test_output_shapes(self):
+        model, config = self.make_model()
+        model.eval()
+        with torch.no_grad():
+            outputs = model(**self.make_inputs(config))
+        self.check_output_shapes(config, outputs)
+        assert torch.isfinite(outputs.logits).all()
+
+    def test_loss_and_backward_reach_every_trainable_parameter(self):
+        model, config = self.make_model()
+        model.train()
+        outputs = model(**self.make_inputs(config, with_labels=True))
+        assert outputs.loss is not None and outputs.loss.ndim == 0 and torch.isfinite(outputs.loss)
+        outputs.loss.backward()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable, "the model has no trainable parameter"
+        missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+        assert not missing, f"no gradient reached: {missing[:10]}"
+        silent = sorted(n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.grad).all())
+        assert not silent, f"non-finite gradients: {silent[:10]}"
+
+    def test_eval_is_deterministic(self):
+        model, config = self.make_model()
+        model.eval()
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            first, second = model(**inputs).logits, model(**inputs).logits
+        assert torch.equal(first, second)
+
+    def test_fresh_model_has_live_features(self):
+        # post_init's default init would re-draw the timm trunk from N(0, 0.02) and its output would collapse.
+        model, config = self.make_model()
+        model.eval()
+        pixel_values = self.make_inputs(config)["pixel_values"]
+        with torch.no_grad():
+            for name, trunk in self.trunks(model):
+                features = trunk(pixel_values)
+                features = features[-1] if isinstance(features, list) else trunk.forward_features(pixel_values)
+                assert features.std() > 1e-2, f"{name} output collapsed (std {features.std():.2e})"
+                # The trunk keeps timm's own initialisation: each conv's spread matches a freshly built timm model.
+                reference = dict(timm.create_model(trunk.default_cfg["architecture"]).named_modules())
+                compared = 0
+                for module_name, module in trunk.named_modules():
+                    if (
+                        isinstance(module, torch.nn.Conv2d)
+                        and module.weight.numel() > 256
+                        and module_name in reference
+                    ):
+                        ratio = module.weight.std() / reference[module_name].weight.std()
+                        assert 0.67 < ratio < 1.5, f"{name}.{module_name} re-initialised (std ratio {ratio:.2f})"
+                        compared += 1
+                assert compared >= 3, f"only {compared} convs of {name} could be compared"
+
+    def test_save_load_roundtrip_is_exact(self, tmp_path):
+        model, config = self.make_model()
+        model.eval()
+        model.save_pretrained(tmp_path)
+        files = {p.name for p in tmp_path.iterdir()}
+        assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+        reloaded = self.auto_class.from_pretrained(tmp_path).eval()
+        assert type(reloaded) is self.model_class
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+        generic = AutoModel.from_pretrained(tmp_path).eval()
+        assert type(generic) is self.model_class
+
+    @pytest.mark.slow
+    def test_remote_code_load_without_package(self, tmp_path):
+        model, config = self.make_model()
+        model.eval()
+        folder = tmp_path / "model"
+        model.save_pretrained(folder)
+        saved = json.loads((folder / "config.json").read_text())
+        assert {"AutoConfig", "AutoModel"} <= set(saved["auto_map"])
+        for name in ("configuration_skinlesion.py", "modeling_skinlesion.py"):
+            assert (folder / name).is_file()
+        inputs = self.make_inputs(config)
+        torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
+        with torch.no_grad():
+            torch.save(model(**inputs).logits, tmp_path / "expected.pt")
+        run_isolated(
+            f"""
+            import torch
+            from transformers import AutoModel
+            model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+            assert "transformers_modules" in type(model).__module__, type(model).__module__
+            inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=0, atol=0)
+            print("remote ok")
+            """,
+            cwd=tmp_path / "run",
+        )
+
+
+class TestSegmenter(ModelTesterMixin):
+    model_class = sl.SkinLesionSegmenter
+    auto_class = AutoModelForSemanticSegmentation
+
+    def make_config(self):
+        return tiny_segmenter_config()
+
+    def make_inputs(self, config, with_labels=False):
+        torch.manual_seed(1)
+        inputs = {"pixel_values": torch.randn(BATCH, 3, config.image_size, config.image_size)}
+        if with_labels:
+            inputs["labels"] = lesion_like_mask(config.image_size)
+        return inputs
+
+    def check_output_shapes(self, config, outputs):
+        assert outputs.logits.shape == (BATCH, 1, config.image_size, config.image_size)
+
+    def trunks(self, model):
+        return [("encoder", model.encoder)]
+
+    def test_attention_maps_per_gate(self):
+        model, config = self.make_model()
+        outputs = model.eval()(**self.make_inputs(config), output_attentions=True)
+        assert len(outputs.attentions) == 4
+        sizes = [a.shape[-1] for a in outputs.attentions]
+        assert sizes == [config.image_size // s for s in (16, 8, 4, 2)]
+        assert all(((a >= 0) & (a <= 1)).all() for a in outputs.attentions)
+
+    def test_non_square_and_non_multiple_of_32_inputs(self):
+        model, _ = self.make_model()
+        with torch.no_grad():
+            logits = model.eval()(pixel_values=torch.randn(1, 3, 50, 75)).logits
+        assert logits.shape == (1, 1, 50, 75)
+
+    def test_dice_part_of_loss_rewards_overlap(self):
+        mask = lesion_like_mask(32)
+        perfect = sl.modeling_skinlesion.segmentation_loss(mask * 40 - 20, mask, 0.0, 1.0)
+        inverted = sl.modeling_skinlesion.segmentation_loss(20 - mask * 40, mask, 0.0, 1.0)
+        assert perfect < 0.01 and inverted > 0.99
+
+
+class TestClassifier(ModelTesterMixin):
+    model_class = sl.SkinDualNet
+    auto_class = AutoModelForImageClassification
+
+    def make_config(self):
+        return tiny_classifier_config()
+
+    def make_inputs(self, config, with_labels=False):
+        torch.manual_seed(1)
+        inputs = {
+            "pixel_values": torch.randn(BATCH, 3, config.image_size, config.image_size),
+            "age": torch.tensor([55.0, float("nan")]),
+            "sex_ids": torch.tensor([2, 0]),
+            "site_ids": torch.tensor([1, 5]),
+            "lesion_mask": lesion_like_mask(config.image_size),
+        }
+        if with_labels:
+            inputs["labels"] = torch.tensor([0, config.num_labels - 1])
+        return inputs
+
+    def check_output_shapes(self, config, outputs):
+        assert outputs.logits.shape == (BATCH, config.num_labels)
+        for name in ("image_embeds", "lesion_embeds", "metadata_embeds"):
+            assert getattr(outputs, name).shape == (BATCH, config.fusion_dim)
+        assert outputs.lesion_pixel_values.shape == (BATCH, 3, config.image_size, config.image_size)
+        assert outputs.lesion_boxes.shape == (BATCH, 4) and outputs.mask_empty.shape == (BATCH,)
+
+    def trunks(self, model):
+        return [("image_encoder", model.image_encoder.trunk), ("lesion_encoder", model.lesion_encoder.trunk)]
+
+    def test_segmenter_is_frozen_and_used_without_mask(self):
+        model, config = self.make_model()
+        assert not any(p.requires_grad for p in model.segmenter.parameters())
+        model.train()
+        inputs = self.make_inputs(config, with_labels=True)
+        inputs.pop("lesion_mask")
+        outputs = model(**inputs)
+        assert outputs.lesion_mask.shape == (BATCH, 1, config.image_size, config.image_size)
+        assert set(outputs.lesion_mask.unique().tolist()) <= {0.0, 1.0}
+        assert model.segmenter.training, "the caller's train mode must be restored after segmenting"
+        outputs.loss.backward()
+
+    def test_cross_attention_weights(self):
+        model, config = self.make_model()
+        with torch.no_grad():
+            outputs = model.eval()(**self.make_inputs(config), output_attentions=True)
+        tokens = (config.image_size // 32) ** 2
+        assert len(outputs.cross_attentions) == 2 * config.fusion_layers
+        for weights in outputs.cross_attentions:
+            assert weights.shape == (BATCH, tokens, tokens)
+            torch.testing.assert_close(weights.sum(-1), torch.ones(BATCH, tokens))
+
+    def test_image_only_and_partial_metadata(self):
+        model, config = self.make_model()
+        model.eval()
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            full = model(**inputs).logits
+            image_only = model(pixel_values=inputs["pixel_values"], lesion_mask=inputs["lesion_mask"]).logits
+            explicit_missing = model(
+                pixel_values=inputs["pixel_values"],
+                lesion_mask=inputs["lesion_mask"],
+                age=torch.full((BATCH,), float("nan")),
+                sex_ids=torch.zeros(BATCH, dtype=torch.long),
+                site_ids=torch.zeros(BATCH, dtype=torch.long),
+            ).logits
+            sex_only = model(
+                pixel_values=inputs["pixel_values"], lesion_mask=inputs["lesion_mask"], sex_ids=inputs["sex_ids"]
+            ).logits
+        assert torch.isfinite(image_only).all()
+        torch.testing.assert_close(image_only, explicit_missing)
+        assert not torch.allclose(full, image_only), "metadata must change the prediction"
+        assert not torch.allclose(sex_only[0], image_only[0])
+
+    def test_given_lesion_image_skips_the_mask(self):
+        model, config = self.make_model()
+        inputs = self.make_inputs(config)
+        inputs.pop("lesion_mask")
+        inputs["lesion_pixel_values"] = torch.randn_like(inputs["pixel_values"])
+        with torch.no_grad():
+            outputs = model.eval()(**inputs)
+        assert outputs.lesion_mask is None and torch.equal(outputs.lesion_pixel_values, inputs["lesion_pixel_values"])
+
+    @pytest.mark.parametrize(
+        "overrides",
+        [{"use_lesion_branch": False}, {"use_metadata": False}, {"share_encoders": True}, {"lesion_mode": "mask"}],
+    )
+    def test_variants(self, overrides, tmp_path):
+        torch.manual_seed(0)
+        config = tiny_classifier_config(**overrides)
+        model = sl.SkinDualNet(config)
+        outputs = model(**self.make_inputs(config, with_labels=True))
+        outputs.loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing[:5]
+        model.save_pretrained(tmp_path)
+        reloaded = AutoModel.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model.eval()(**self.make_inputs(config)).logits, reloaded(**self.make_inputs(config)).logits
+            )
+        if overrides.get("use_lesion_branch") is False:
+            assert model.lesion_encoder is None and outputs.lesion_embeds is None
+        if overrides.get("share_encoders"):
+            assert model.lesion_branch is model.image_encoder
+
+    def test_class_weights_and_label_smoothing_change_the_loss(self):
+        model, config = self.make_model()
+        model.eval()
+        inputs = self.make_inputs(config, with_labels=True)
+        with torch.no_grad():
+            base = model(**inputs).loss
+            model.config.class_weights = [1.0] * (config.num_labels - 1) + [5.0]
+            weighted = model(**inputs).loss
+            model.config.label_smoothing = 0.0
+            unsmoothed = model(**inputs).loss
+        assert not torch.isclose(base, weighted) and not torch.isclose(weighted, unsmoothed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["segmenter.json", "skin-dualnet.json"])
+def test_paper_sized_presets_run_a_forward_pass(preset):
+    config = AutoConfig.from_pretrained(PRESETS / preset)
+    model = AutoModel.from_config(config).eval()
+    pixel_values = torch.randn(1, 3, config.image_size, config.image_size)
+    with torch.inference_mode():
+        outputs = model(pixel_values=pixel_values)
+    if isinstance(config, sl.SkinDualNetConfig):
+        assert config.encoder_name == "densenet201" and config.segmenter_config.encoder_name == "efficientnet_b3"
+        assert outputs.logits.shape == (1, 7)
+    else:
+        assert config.encoder_name == "efficientnet_b3" and outputs.logits.shape == (1, 1, 256, 256)
