@@ -1,0 +1,374 @@
+"""Model cards (Hub `README.md`) for skin-dualnet checkpoints, shared by the training, fine-tuning and export scripts.
+
+The card states what the weights were trained on and what that implies: weights trained on HAM10000 or ISIC data
+(CC BY-NC 4.0) are themselves for non-commercial use, and the model is research software, not a medical device.
+"""
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+DEFAULT_REPO_ID = "org/skin-dualnet"
+NON_COMMERCIAL_LICENSE = "cc-by-nc-4.0"
+
+PAPER_CITATION = """@article{atiq2025explainable,
+  title   = {Towards Explainable Skin Cancer Classification: A Dual-Network Attention Model with Lesion Segmentation
+             and Clinical Metadata Fusion},
+  author  = {Atiq, Md Enamul and Fattah, Shaikh Anowarul},
+  journal = {arXiv preprint arXiv:2510.17773},
+  year    = {2025}
+}"""
+
+# Known training sets: display name, Hub `datasets:` tag, licence terms, whether they restrict commercial use, and
+# the reference to cite. Keys are matched on a normalised prefix ("HAM10000" -> "ham10000", "ISIC 2018" -> "isic2018").
+KNOWN_DATASETS: dict[str, dict[str, Any]] = {
+    "ham10000": {
+        "name": "HAM10000",
+        "tag": "HAM10000",
+        "terms": "CC BY-NC 4.0 (Harvard Dataverse, doi:10.7910/DVN/DBW86T)",
+        "non_commercial": True,
+        "citation": """@article{tschandl2018ham10000,
+  title   = {The HAM10000 dataset, a large collection of multi-source dermatoscopic images of common pigmented skin
+             lesions},
+  author  = {Tschandl, Philipp and Rosendahl, Cliff and Kittler, Harald},
+  journal = {Scientific Data},
+  volume  = {5},
+  pages   = {180161},
+  year    = {2018}
+}""",
+    },
+    "isic2017": {
+        "name": "ISIC 2017 (Task 1 masks, Part 3 labels)",
+        "tag": "ISIC-2017",
+        "terms": "images CC0 1.0; challenge ground truth for research use",
+        "non_commercial": True,
+        "citation": """@inproceedings{codella2018isic2017,
+  title     = {Skin Lesion Analysis Toward Melanoma Detection: A Challenge at the 2017 International Symposium on
+               Biomedical Imaging (ISBI), Hosted by the International Skin Imaging Collaboration (ISIC)},
+  author    = {Codella, Noel and Gutman, David and Celebi, M. Emre and others},
+  booktitle = {ISBI},
+  note      = {arXiv:1710.05006},
+  year      = {2018}
+}""",
+    },
+    "isic2018": {
+        "name": "ISIC 2018 (Task 1 lesion boundaries / Task 3 classes)",
+        "tag": "ISIC-2018",
+        "terms": "CC BY-NC 4.0",
+        "non_commercial": True,
+        "citation": """@article{codella2019isic2018,
+  title   = {Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the International Skin
+             Imaging Collaboration (ISIC)},
+  author  = {Codella, Noel and Rotemberg, Veronica and Tschandl, Philipp and others},
+  journal = {arXiv preprint arXiv:1902.03368},
+  year    = {2019}
+}""",
+    },
+    "isic2019": {
+        "name": "ISIC 2019",
+        "tag": "ISIC-2019",
+        "terms": "CC BY-NC 4.0",
+        "non_commercial": True,
+        "citation": """@article{combalia2019bcn20000,
+  title   = {BCN20000: Dermoscopic Lesions in the Wild},
+  author  = {Combalia, Marc and Codella, Noel and Rotemberg, Veronica and others},
+  journal = {arXiv preprint arXiv:1908.02288},
+  year    = {2019}
+}""",
+    },
+}
+
+
+def _dataset_key(name: str) -> str | None:
+    normalised = re.sub(r"[^a-z0-9]", "", name.lower())
+    for key in KNOWN_DATASETS:
+        if normalised.startswith(key):
+            return key
+    return None
+
+
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """Read a metrics JSON (as written by `scripts/evaluate.py` or the training scripts), with a clear error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"Metrics file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Metrics file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"Metrics file {path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Number) and not isinstance(value, bool)
+
+
+def metrics_tables(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
+    """Split a metrics dict into (name, value) rows and per-class columns.
+
+    Accepts a flat dict of numbers or one with a `metrics` entry (plus context such as `dataset`, `split`); entries
+    named `per_class_<metric>` (dicts keyed by class) become per-class columns, other dicts of numbers are flattened
+    as `parent/child`, and anything else (strings, lists) is left out.
+    """
+    values = metrics.get("metrics", metrics) if isinstance(metrics.get("metrics"), Mapping) else metrics
+    rows: list[tuple[str, float]] = []
+    per_class: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if _is_number(value):
+            rows.append((key, float(value)))
+        elif isinstance(value, Mapping) and key.startswith("per_class_"):
+            per_class[key.removeprefix("per_class_")] = dict(value)
+        elif isinstance(value, Mapping):
+            rows.extend((f"{key}/{k}", float(v)) for k, v in value.items() if _is_number(v))
+    return rows, per_class
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if _is_number(value):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return str(value)
+
+
+def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
+    if not metrics:
+        return (
+            "No evaluation results were supplied when this card was written. Evaluate the checkpoint on your own "
+            "data with `scripts/evaluate.py` before relying on it.\n"
+        )
+    context = [
+        f"{key}: {_format(metrics[key])}"
+        for key in ("dataset", "split", "num_samples", "num_images", "seed", "epoch")
+        if key in metrics and not isinstance(metrics[key], (Mapping, list))
+    ]
+    rows, per_class = metrics_tables(metrics)
+    lines = []
+    if context:
+        lines += ["Evaluated on " + "; ".join(context) + ".", ""]
+    lines += ["| metric | value |", "| --- | --- |"] + [f"| {name} | {_format(value)} |" for name, value in rows]
+    if per_class:
+        classes = list(dict.fromkeys(label for column in per_class.values() for label in column))
+        lines += ["", "Per class:", "", "| class | " + " | ".join(per_class) + " |"]
+        lines += ["| --- " * (len(per_class) + 1) + "|"]
+        for label in classes:
+            cells = " | ".join(_format(column.get(label)) for column in per_class.values())
+            lines.append(f"| {label} | {cells} |")
+    lines += [
+        "",
+        "These figures come from the data named above; they do not predict performance on another clinic's "
+        "images, devices or patient population.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _description(config: Any) -> tuple[str, str]:
+    """(pipeline tag, model description) from a `SkinDualNetConfig` or `SkinLesionSegmenterConfig`."""
+    if config.model_type == "skin_dualnet":
+        segmenter = config.segmenter_config
+        branches = ["an encoder on the dermoscopic image"]
+        if config.use_lesion_branch:
+            branches.append(
+                "a second encoder on the lesion image cut out with the segmenter's mask "
+                f"(`lesion_mode={config.lesion_mode!r}`), fused with the first by bidirectional multi-head "
+                "cross-attention"
+            )
+        if config.use_metadata:
+            branches.append("a transformer over patient metadata (age, sex, anatomical site)")
+        labels = ", ".join(f"`{config.id2label[i]}`" for i in sorted(config.id2label))
+        return "image-classification", (
+            "A dual-encoder skin-lesion classifier after Atiq & Fattah (arXiv 2510.17773). One checkpoint holds the "
+            f"whole system: a Deep-UNet lesion segmenter (`{segmenter.encoder_name}` encoder, ASPP bottleneck, "
+            f"decoder with Dual Attention Gates, {segmenter.image_size} px), and a classifier with "
+            + "; ".join(branches)
+            + f". Both branch encoders are `{config.encoder_name}` at {config.image_size} px.\n\n"
+            f"Classes ({config.num_labels}): {labels}.\n"
+        )
+    return "image-segmentation", (
+        "The Deep-UNet lesion segmenter of skin-dualnet (Atiq & Fattah, arXiv 2510.17773): a "
+        f"`{config.encoder_name}` encoder tapped at five stages, an ASPP bottleneck, and a decoder whose skip "
+        f"connections pass through Dual Attention Gates. It outputs one lesion logit per pixel at "
+        f"{config.image_size} px; `post_process_masks` of the image processor turns them into clean binary masks "
+        "at the original image size.\n"
+    )
+
+
+def _usage(config: Any, repo_id: str) -> str:
+    if config.model_type == "skin_dualnet":
+        return f"""```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+inputs = processor(Image.open("lesion.jpg"))
+# Metadata is optional: NaN age and index 0 ("unknown") are the missing values.
+metadata = {{
+    "age": torch.tensor([55.0]),
+    "sex_ids": torch.tensor([model.config.sex_vocab.index("female")]),
+    "site_ids": torch.tensor([model.config.site_vocab.index("posterior torso")]),
+}}
+with torch.no_grad():
+    outputs = model(**inputs, **metadata)
+probabilities = outputs.logits.softmax(-1)[0]
+print({{model.config.id2label[i]: round(p.item(), 3) for i, p in enumerate(probabilities)}})
+```
+
+`outputs.lesion_mask` is the mask the lesion branch used and `outputs.mask_empty` flags images where the segmenter
+found no lesion (the lesion branch then saw the whole image).
+"""
+    return f"""```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+image = Image.open("lesion.jpg")
+with torch.no_grad():
+    logits = model(**processor(image)).logits
+mask = processor.post_process_masks(logits, target_sizes=[(image.height, image.width)])[0]  # boolean (h, w)
+```
+"""
+
+
+def render_model_card(
+    config: Any,
+    repo_id: str = DEFAULT_REPO_ID,
+    datasets: Iterable[str] = (),
+    metrics: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """Build the model card of a checkpoint.
+
+    Args:
+        config: the model's `SkinDualNetConfig` or `SkinLesionSegmenterConfig`.
+        repo_id: Hub repository the card describes (used in the usage snippet).
+        datasets: names of the training sets ("HAM10000", "isic2018", "my-clinic", ...). Known public sets are
+            described, cited and decide the licence; other names are listed as given.
+        metrics: a metrics dict (e.g. the JSON written by `scripts/evaluate.py`) rendered as tables.
+        base_model: the checkpoint this one was fine-tuned from, if any.
+        training: free-form training facts (preset, epochs, split, wall time) listed under "Training data".
+        license: licence identifier; by default `cc-by-nc-4.0` when any known training set is non-commercial,
+            else `other`.
+    """
+    if config.model_type not in ("skin_dualnet", "skinlesion_segmenter"):
+        raise ValueError(
+            f"`config` must be a SkinDualNetConfig or SkinLesionSegmenterConfig, got model_type {config.model_type!r}."
+        )
+    names = [str(name) for name in datasets]
+    known = {key: KNOWN_DATASETS[key] for key in dict.fromkeys(k for k in map(_dataset_key, names) if k)}
+    others = [name for name in names if _dataset_key(name) is None]
+    non_commercial = any(info["non_commercial"] for info in known.values())
+    if license is None:
+        license = NON_COMMERCIAL_LICENSE if non_commercial else "other"
+    pipeline_tag, description = _description(config)
+    tags = ["skin-lesion", "dermoscopy", "medical-imaging", "custom_code", pipeline_tag]
+    if config.model_type == "skin_dualnet":
+        tags += ["grad-cam", "metadata-fusion"]
+    card_data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+        datasets=[info["tag"] for info in known.values()] + others or None,
+        base_model=base_model,
+    )
+
+    data_lines = [f"- **{info['name']}**: {info['terms']}." for info in known.values()]
+    data_lines += [f"- **{name}** (user-supplied data; its licence is the data owner's)." for name in others]
+    if not data_lines:
+        data_lines = ["- Not recorded when this card was written."]
+    if base_model:
+        data_lines.append(f"- Fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}).")
+    if training:
+        data_lines += [f"- {key}: {_format(value)}" for key, value in training.items()]
+
+    if non_commercial or license == NON_COMMERCIAL_LICENSE:
+        licence_text = (
+            "These weights were trained on data released under non-commercial terms (CC BY-NC 4.0, or research "
+            "use only for challenge ground truth), so they are released under **CC BY-NC 4.0: non-commercial use "
+            "only**. The code that defines the model is Apache-2.0."
+        )
+    else:
+        licence_text = (
+            f"Licence: `{license}`. Check that the terms of every training set allow the use you intend. The code "
+            "that defines the model is Apache-2.0."
+        )
+    citations = "\n\n".join([PAPER_CITATION] + [info["citation"] for info in known.values()])
+    body = f"""
+# {repo_id.split("/")[-1]}
+
+> **Research software, not a medical device.** This model has not been cleared or approved by any regulator and
+> must not be used to diagnose, treat or triage patients.
+
+## Model description
+
+{description}
+## How to use
+
+The modelling code ships with the checkpoint (`trust_remote_code=True`); the weights load with `transformers` alone.
+
+{_usage(config, repo_id)}
+## Training data
+
+{chr(10).join(data_lines)}
+
+## Evaluation
+
+{_metrics_section(metrics)}
+## Intended use
+
+Research on automated dermoscopic image analysis: benchmarking, reproducing the paper, studying explanations
+(Grad-CAM on both branches) and fine-tuning on a clinic's own data (`scripts/finetune.py`). Outputs are to be read by
+researchers, not used to make decisions about individual patients.
+
+## Limitations
+
+- Trained on dermoscopic images from a few centres; clinical (non-dermoscopic) photographs, other devices and
+  populations are out of distribution and accuracy may drop sharply without warning.
+- Public skin-lesion datasets over-represent light skin types; performance on darker skin is largely untested.
+- Classes are imbalanced (nevi dominate); rare classes have fewer examples and less reliable scores.
+- The classifier can only answer with the classes above; a lesion of another kind still gets one of them.
+- Metadata (age, sex, site) shifts predictions; missing fields are handled, but wrong fields mislead.
+- Probabilities are not calibrated risk estimates.
+
+## Licence
+
+{licence_text}
+
+## Citation
+
+```bibtex
+{citations}
+```
+"""
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder: str | Path, config: Any, **kwargs: Any) -> Path:
+    """Render the card (see `render_model_card`) into `folder/README.md`; returns its path."""
+    path = Path(folder) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_model_card(config, **kwargs).save(path)
+    return path
+
+
+__all__ = [
+    "DEFAULT_REPO_ID",
+    "KNOWN_DATASETS",
+    "load_metrics",
+    "metrics_tables",
+    "render_model_card",
+    "write_model_card",
+]
