@@ -1167,6 +1167,8 @@ def balanced_class_weights(dataset: datasets.Dataset) -> list[float]:
 __all__ = [
     "HAM10000_LABELS",
     "ISIC2019_LABELS",
+    "LOADERS",
+    "SCHEMA_COLUMNS",
     "FileValidationSummary",
     "SkinLesionCollator",
     "SkinLesionRows",
@@ -1176,6 +1178,7 @@ __all__ = [
     "check_image_file",
     "check_no_group_leak",
     "class_counts",
+    "column_values",
     "concatenate_sources",
     "dataset_features",
     "grouped_split",
