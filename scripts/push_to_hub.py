@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Export a trained skin-dualnet checkpoint as a Hub-ready folder and, optionally, upload it.
+
+The folder holds everything a user needs with `transformers` alone:
+`config.json` (with `auto_map`), `model.safetensors`, the remote-code files (`configuration_skinlesion.py`,
+`modeling_skinlesion.py`, `image_processing_skinlesion.py`), `preprocessor_config.json` and a `README.md` model card
+(licence, training data, metrics, intended use, limitations, citation).
+
+    python scripts/push_to_hub.py --model_path runs/classifier/final --output_dir hub/skin-dualnet \
+        --datasets ham10000 isic2019 --metrics_file runs/classifier/eval/metrics.json
+
+    # then, online, with a token (--token, $HF_TOKEN or `hf auth login`):
+    python scripts/push_to_hub.py ... --push --repo_id org/skin-dualnet
+
+Exit status: 0 on success; 1 for bad input or a refused upload (token, permissions); 2 when the Hub cannot be
+reached (offline mode or no network). The exported folder is left intact in every case, ready for a later upload.
+"""
+
+import importlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import AutoModel, HfArgumentParser
+
+from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionSegmenter
+from modeling_skinlesion.model_card import DEFAULT_REPO_ID, load_metrics, write_model_card
+
+logger = logging.getLogger("push_to_hub")
+
+EXIT_BAD_INPUT = 1
+EXIT_NO_NETWORK = 2
+# Files this script writes; removed first when re-exporting into the same folder, so no stale file survives.
+EXPORT_PATTERNS = ("config.json", "preprocessor_config.json", "README.md", "*.safetensors", "*.safetensors.index.json")
+
+
+@dataclass
+class ExportArguments:
+    model_path: str = field(metadata={"help": "Trained model folder (save_pretrained output) or Hub id."})
+    output_dir: str = field(metadata={"help": "Folder to write the Hub-ready repository into."})
+    datasets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training sets of the weights (ham10000, isic2017, isic2018, isic2019, or your own names). They "
+            "are described and cited in the card and decide its licence (CC BY-NC 4.0 for HAM10000/ISIC)."
+        },
+    )
+    metrics_file: str | None = field(
+        default=None, metadata={"help": "Metrics JSON (e.g. from scripts/evaluate.py) to tabulate in the card."}
+    )
+    repo_id: str = field(default=DEFAULT_REPO_ID, metadata={"help": "Hub repository id to upload to."})
+    base_model: str | None = field(default=None, metadata={"help": "Checkpoint this one was fine-tuned from."})
+    license: str | None = field(
+        default=None, metadata={"help": "Licence id for the card (default: from the training data)."}
+    )
+    push: bool = field(default=False, metadata={"help": "Upload the folder to `repo_id` after writing it."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: $HF_TOKEN or the cached login)."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    commit_message: str = field(default="Upload skin-dualnet checkpoint", metadata={"help": "Upload commit message."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write into a non-empty `output_dir` that is not a previous export."}
+    )
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the Hub cannot be reached", for whichever HTTP client huggingface_hub uses."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"`output_dir` {output_dir} exists and is not a folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not (output_dir / "config.json").is_file() and not overwrite:
+            raise ValueError(
+                f"`output_dir` {output_dir} is not empty and holds no previous export; choose an empty folder or "
+                "pass --overwrite."
+            )
+        for pattern in (*EXPORT_PATTERNS, "*.py"):
+            for path in output_dir.glob(pattern):
+                path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def load_processor(model_path: str, config) -> SkinLesionImageProcessor:
+    """The processor saved with the model, or the one its config implies."""
+    try:
+        return SkinLesionImageProcessor.from_pretrained(model_path)
+    except OSError:
+        logger.info("No preprocessor_config.json with the model; building the processor from its config.")
+        return SkinLesionImageProcessor.from_model_config(config)
+
+
+def check_export(output_dir: Path) -> list[str]:
+    """Check the folder is loadable as remote code; returns its file names."""
+    config = json.loads((output_dir / "config.json").read_text())
+    auto_map = config.get("auto_map") or {}
+    if not {"AutoConfig", "AutoModel"} <= set(auto_map):
+        raise RuntimeError(f"config.json has no complete auto_map ({auto_map}); the model classes are not registered.")
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    modules = {ref.split(".")[0] for ref in [*auto_map.values(), *(processor.get("auto_map") or {}).values()]}
+    required = {"model.safetensors", "README.md", *(f"{module}.py" for module in modules)}
+    missing = sorted(name for name in required if not (output_dir / name).is_file())
+    if missing:
+        raise RuntimeError(f"The export in {output_dir} lacks {missing}.")
+    return sorted(path.name for path in output_dir.iterdir())
+
+
+def upload(output_dir: Path, args: ExportArguments) -> int:
+    folder_note = f"The exported folder is intact at {output_dir}; upload it later with --push."
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        logger.error(
+            "Cannot upload: offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine with network access. %s",
+            folder_note,
+        )
+        return EXIT_NO_NETWORK
+    token = args.token or huggingface_hub.get_token()
+    if not token:
+        logger.error("Cannot upload: no Hub token. Pass --token, set HF_TOKEN or run `hf auth login`. %s", folder_note)
+        return EXIT_BAD_INPUT
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        api.upload_folder(repo_id=args.repo_id, folder_path=output_dir, commit_message=args.commit_message)
+    except HfHubHTTPError as error:
+        logger.error("The Hub refused the upload to %s: %s. %s", args.repo_id, error, folder_note)
+        return EXIT_BAD_INPUT
+    except network_errors() as error:
+        logger.error(
+            "Cannot reach the Hugging Face Hub at %s (%s: %s); no network? %s",
+            huggingface_hub.constants.ENDPOINT,
+            type(error).__name__,
+            error,
+            folder_note,
+        )
+        return EXIT_NO_NETWORK
+    logger.info("Uploaded %s to %s", output_dir, url)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    try:
+        metrics = load_metrics(args.metrics_file) if args.metrics_file else None
+        if not args.datasets:
+            raise ValueError(
+                "Name the training sets with --datasets (e.g. `--datasets ham10000 isic2019`): the card states them "
+                "and their licence decides the licence of the weights."
+            )
+        model = AutoModel.from_pretrained(args.model_path)
+        if not isinstance(model, (SkinDualNet, SkinLesionSegmenter)):
+            raise ValueError(
+                f"{args.model_path} holds a {type(model).__name__}; expected a skin-dualnet SkinDualNet or "
+                "SkinLesionSegmenter checkpoint."
+            )
+        processor = load_processor(args.model_path, model.config)
+        prepare_output_dir(output_dir, args.overwrite)
+    except (ValueError, OSError) as error:
+        logger.error("%s", error)
+        return EXIT_BAD_INPUT
+
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    write_model_card(
+        output_dir,
+        model.config,
+        repo_id=args.repo_id,
+        datasets=args.datasets,
+        metrics=metrics,
+        base_model=args.base_model,
+        license=args.license,
+    )
+    files = check_export(output_dir)
+    logger.info("Wrote a Hub-ready %s to %s: %s", type(model).__name__, output_dir, ", ".join(files))
+    if args.push:
+        return upload(output_dir, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
