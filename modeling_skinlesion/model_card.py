@@ -110,14 +110,33 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Number) and not isinstance(value, bool)
 
 
-def metrics_tables(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
-    """Split a metrics dict into (name, value) rows and per-class columns.
+def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """(context, metric values) of a metrics JSON in any of the shapes the scripts write:
 
-    Accepts a flat dict of numbers or one with a `metrics` entry (plus context such as `dataset`, `split`); entries
-    named `per_class_<metric>` (dicts keyed by class) become per-class columns, other dicts of numbers are flattened
-    as `parent/child`, and anything else (strings, lists) is left out.
+    - `scripts/evaluate.py`: `{"dataset": ..., "split": ..., "num_samples": ..., "metrics": {...}}`;
+    - the training scripts: `{"best": {"epoch": ..., "validation": {...}}, "args": {"dataset": [...]}, ...}`;
+    - a flat dict of metric values.
     """
-    values = metrics.get("metrics", metrics) if isinstance(metrics.get("metrics"), Mapping) else metrics
+    if isinstance(metrics.get("metrics"), Mapping):
+        context = {k: v for k, v in metrics.items() if k != "metrics" and not isinstance(v, (Mapping, list))}
+        return context, metrics["metrics"]
+    best = metrics.get("best")
+    if isinstance(best, Mapping) and isinstance(best.get("validation"), Mapping):
+        context: dict[str, Any] = {"split": "validation"}
+        training_args = metrics.get("args") if isinstance(metrics.get("args"), Mapping) else {}
+        if training_args.get("dataset"):
+            context["dataset"] = ", ".join(map(str, training_args["dataset"]))
+        if isinstance(best.get("epoch"), int):
+            context["best epoch"] = best["epoch"] + 1
+        return context, best["validation"]
+    return {}, metrics
+
+
+def metrics_tables(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
+    """Split a metrics JSON (see `split_metrics`) into (name, value) rows and per-class columns: entries named
+    `per_class_<metric>` (dicts keyed by class) become per-class columns, other dicts of numbers are flattened as
+    `parent/child`, and anything else (strings, lists) is left out."""
+    _, values = split_metrics(metrics)
     rows: list[tuple[str, float]] = []
     per_class: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
@@ -128,6 +147,18 @@ def metrics_tables(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, float]],
         elif isinstance(value, Mapping):
             rows.extend((f"{key}/{k}", float(v)) for k, v in value.items() if _is_number(v))
     return rows, per_class
+
+
+def training_datasets(metrics: Mapping[str, Any]) -> list[str]:
+    """The training sets recorded in a training run's metrics JSON (`args.dataset`; a Hub dataset's id instead of
+    "hub"), or `[]`."""
+    training_args = metrics.get("args")
+    if not isinstance(training_args, Mapping) or not training_args.get("dataset"):
+        return []
+    roots = list(training_args.get("data_root") or [])
+    names = list(training_args["dataset"])
+    roots += [None] * (len(names) - len(roots))
+    return [str(root) if name == "hub" and root else str(name) for name, root in zip(names, roots)]
 
 
 def _format(value: Any) -> str:
@@ -144,10 +175,11 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
             "No evaluation results were supplied when this card was written. Evaluate the checkpoint on your own "
             "data with `scripts/evaluate.py` before relying on it.\n"
         )
+    context_values, _ = split_metrics(metrics)
     context = [
-        f"{key}: {_format(metrics[key])}"
-        for key in ("dataset", "split", "num_samples", "num_images", "seed", "epoch")
-        if key in metrics and not isinstance(metrics[key], (Mapping, list))
+        f"{key}: {_format(context_values[key])}"
+        for key in ("dataset", "split", "num_samples", "num_images", "best epoch", "seed")
+        if key in context_values
     ]
     rows, per_class = metrics_tables(metrics)
     lines = []
@@ -370,5 +402,7 @@ __all__ = [
     "load_metrics",
     "metrics_tables",
     "render_model_card",
+    "split_metrics",
+    "training_datasets",
     "write_model_card",
 ]

@@ -29,7 +29,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModel, HfArgumentParser
 
 from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionSegmenter
-from modeling_skinlesion.model_card import DEFAULT_REPO_ID, load_metrics, write_model_card
+from modeling_skinlesion.model_card import DEFAULT_REPO_ID, load_metrics, training_datasets, write_model_card
 
 logger = logging.getLogger("push_to_hub")
 
@@ -47,14 +47,22 @@ class ExportArguments:
         default_factory=list,
         metadata={
             "help": "Training sets of the weights (ham10000, isic2017, isic2018, isic2019, or your own names). They "
-            "are described and cited in the card and decide its licence (CC BY-NC 4.0 for HAM10000/ISIC)."
+            "are described and cited in the card and decide its licence (CC BY-NC 4.0 for HAM10000/ISIC). Default: "
+            "the sets recorded in the training run's metrics.json."
         },
     )
     metrics_file: str | None = field(
-        default=None, metadata={"help": "Metrics JSON (e.g. from scripts/evaluate.py) to tabulate in the card."}
+        default=None,
+        metadata={
+            "help": "Metrics JSON to tabulate in the card (from scripts/evaluate.py or a training run; default: the "
+            "metrics.json a training script saved next to the model)."
+        },
     )
     repo_id: str = field(default=DEFAULT_REPO_ID, metadata={"help": "Hub repository id to upload to."})
-    base_model: str | None = field(default=None, metadata={"help": "Checkpoint this one was fine-tuned from."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint this one was fine-tuned from (default: `base_model` of the metrics JSON)."},
+    )
     license: str | None = field(
         default=None, metadata={"help": "Licence id for the card (default: from the training data)."}
     )
@@ -65,6 +73,12 @@ class ExportArguments:
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty `output_dir` that is not a previous export."}
     )
+
+
+def find_training_record(model_path: str) -> Path | None:
+    """The `metrics.json` a training script leaves next to the model it saved, if `model_path` is such a folder."""
+    path = Path(model_path) / "metrics.json"
+    return path if path.is_file() else None
 
 
 def network_errors() -> tuple[type[BaseException], ...]:
@@ -154,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     try:
-        metrics = load_metrics(args.metrics_file) if args.metrics_file else None
-        if not args.datasets:
+        metrics_file = args.metrics_file or find_training_record(args.model_path)
+        metrics = load_metrics(metrics_file) if metrics_file else None
+        datasets = args.datasets or (training_datasets(metrics) if metrics else [])
+        if not datasets:
             raise ValueError(
                 "Name the training sets with --datasets (e.g. `--datasets ham10000 isic2019`): the card states them "
-                "and their licence decides the licence of the weights."
+                "and their licence decides the licence of the weights. (A training run's metrics.json next to the "
+                "model records them; none was found.)"
             )
+        logger.info("Training sets: %s%s", ", ".join(datasets), f"; metrics from {metrics_file}" if metrics else "")
         model = AutoModel.from_pretrained(args.model_path)
         if not isinstance(model, (SkinDualNet, SkinLesionSegmenter)):
             raise ValueError(
@@ -178,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         output_dir,
         model.config,
         repo_id=args.repo_id,
-        datasets=args.datasets,
+        datasets=datasets,
         metrics=metrics,
-        base_model=args.base_model,
+        base_model=args.base_model or (metrics or {}).get("base_model"),
         license=args.license,
     )
     files = check_export(output_dir)

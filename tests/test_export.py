@@ -172,12 +172,21 @@ def test_exported_segmenter_loads_without_package(data_root, tmp_path):
     config = AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json")
     model = sl.SkinLesionSegmenter(config).eval()
     model.save_pretrained(tmp_path / "final")  # no processor saved: the script builds it from the config
+    # The record a training run leaves next to its model: the card takes the training sets and scores from it.
+    training_record = {
+        "task": "segmentation",
+        "best": {"metric": "dice", "value": 0.81, "epoch": 4, "validation": {"dice": 0.8123, "jaccard": 0.7012}},
+        "args": {"dataset": ["isic2017", "ham10000"], "data_root": ["a", "b"]},
+    }
+    (tmp_path / "final" / "metrics.json").write_text(json.dumps(training_record))
     output = tmp_path / "hub"
-    result = run_script("--model_path", str(tmp_path / "final"), "--output_dir", str(output), "--datasets", "isic2017")
+    result = run_script("--model_path", str(tmp_path / "final"), "--output_dir", str(output))
     assert result.returncode == 0, result.stderr
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "image-segmentation" and card.data.license == "cc-by-nc-4.0"
-    assert "No evaluation results were supplied" in card.text
+    assert card.data.datasets == ["ISIC-2017", "HAM10000"]
+    assert "| dice | 0.8123 |" in card.text and "best epoch: 5" in card.text
+    assert "metrics.json" not in {p.name for p in output.iterdir()}
     pixel_values = sl.SkinLesionImageProcessor.from_model_config(config)(Image.open(real_image(data_root)))[
         "pixel_values"
     ]
@@ -267,6 +276,7 @@ def test_card_licence_follows_training_data():
     )
     assert fine_tuned.data.license == "cc-by-nc-4.0" and fine_tuned.data.base_model == "org/skin-dualnet"
     assert fine_tuned.data.datasets == ["ISIC-2018", "clinic"]
+    assert "No evaluation results were supplied" in fine_tuned.text
     assert 'AutoModel.from_pretrained("clinic/skin-dualnet-ft", trust_remote_code=True)' in fine_tuned.text
     with pytest.raises(ValueError, match="model_type"):
         render_model_card(AutoConfig.for_model("vit"))
