@@ -102,8 +102,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.num_images <= 0 or args.min_per_class <= 0:
-        raise ValueError(f"`--num-images` and `--min-per-class` must be positive, got {args.num_images}, "
-                         f"{args.min_per_class}.")
+        raise ValueError(
+            f"`--num-images` and `--min-per-class` must be positive, got {args.num_images}, {args.min_per_class}."
+        )
 
     metadata_csv = args.source / "HAM10000_metadata.csv"
     if not metadata_csv.is_file():
@@ -114,8 +115,10 @@ def main() -> None:
         raise ValueError(f"{metadata_csv} lacks the official columns {missing}.")
     # Only images that have both the image and the mask file can be bundled.
     has_files = metadata["image_id"].map(
-        lambda i: (args.source / "images" / f"{i}.jpg").is_file()
-        and (args.source / "masks" / f"{i}_segmentation.png").is_file()
+        lambda i: (
+            (args.source / "images" / f"{i}.jpg").is_file()
+            and (args.source / "masks" / f"{i}_segmentation.png").is_file()
+        )
     )
     complete_lesions = has_files.groupby(metadata["lesion_id"]).transform("all")
     metadata = metadata[complete_lesions].reset_index(drop=True)
