@@ -1,0 +1,253 @@
+"""scripts/evaluate.py: metrics of saved models on real data, the training run's validation split, and ISIC submission
+files that the official scorer (`isic-challenge-scoring`) reads and scores exactly as our metrics do."""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from accelerate import PartialState
+from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+from isic_challenge_scoring.segmentation import SegmentationScore
+from transformers import AutoConfig
+
+import modeling_skinlesion as sl
+from modeling_skinlesion.data import column_values, load_ham10000
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO_ROOT / "scripts"
+SCRIPT = SCRIPTS / "evaluate.py"
+PRESETS = REPO_ROOT / "configuration"
+SEGMENTATION_KEYS = {
+    "dice": "dice",
+    "jaccard": "jaccard",
+    "thresholded_jaccard": "threshold_jaccard",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "accuracy": "accuracy",
+}
+
+
+def load_script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("evaluate_script", SCRIPT)
+
+
+def run_evaluate(*args: str, cwd: Path) -> dict:
+    """Run the script as a user does and return its metrics.json."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--batch-size", "8"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output_dir = cwd / args[args.index("--output-dir") + 1]
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    segmenter = sl.SkinLesionSegmenter(AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json"))
+    segmenter.save_pretrained(folder / "segmenter")
+    classifier = sl.SkinDualNet(AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json"))
+    classifier.save_pretrained(folder / "classifier")
+    sl.SkinLesionImageProcessor.from_model_config(classifier.config).save_pretrained(folder / "classifier")
+    return folder
+
+
+@pytest.fixture
+def official_csv_parser(monkeypatch):
+    """isic-challenge-scoring 5.6 calls `DataFrame.applymap`, which pandas 3 removed after renaming it `map` (same
+    behaviour); give the scorer its old name back so its own CSV parser runs unchanged."""
+    if not hasattr(pd.DataFrame, "applymap"):
+        monkeypatch.setattr(pd.DataFrame, "applymap", pd.DataFrame.map, raising=False)
+
+
+@pytest.mark.slow
+def test_segmentation_submission_is_scored_identically_by_official_scorer(saved_models, data_root, tmp_path):
+    result = run_evaluate(
+        "--model", str(saved_models / "segmenter"),
+        "--dataset", "isic2017", "--data-root", str(data_root / "isic2017"),
+        "--split", "validation", "--max-eval-samples", "10",
+        "--output-dir", "eval", "--submission-dir", "submission",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result["task"] == "segmentation" and result["num_images"] == 10 and result["split"] == "validation"
+    submitted = sorted((tmp_path / "submission").glob("ISIC_*_segmentation.png"))
+    assert len(submitted) == 10
+    # The ground truth of the same images, in the layout the official scorer reads.
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for file in submitted:
+        shutil.copy(data_root / "isic2017" / "masks" / file.name, truth / file.name)
+    official = SegmentationScore.from_dir(truth, tmp_path / "submission").macro_average
+    for ours, theirs in SEGMENTATION_KEYS.items():
+        assert abs(result["metrics"][ours] - official[theirs]) < 1e-6, (
+            ours,
+            result["metrics"][ours],
+            official[theirs],
+        )
+    # Scored at the original (downscaled ISIC 2017) size, not the model's 64 px.
+    assert max(np.asarray(pd.read_csv(data_root / "isic2017" / "manifest.csv")["width"])) > 64
+
+
+def make_clinic(data_root: Path, folder: Path, per_class: int = 5) -> tuple[Path, Path]:
+    """A clinic layout from real HAM10000 images: renamed files, a CSV with its own column names, one corrupt file."""
+    ham = load_ham10000(data_root / "ham10000", masks=False)
+    labels, images = column_values(ham, "label"), column_values(ham, "image")
+    names = sl.SkinDualNetConfig().id2label
+    images_dir = folder / "photos"
+    images_dir.mkdir(parents=True)
+    rows = []
+    for label, name in names.items():
+        for i in [i for i, value in enumerate(labels) if value == label][:per_class]:
+            file = f"case_{len(rows):03d}.jpg"
+            shutil.copy(images[i]["path"], images_dir / file)
+            rows.append({"file": file, "diagnosis": name, "patient": f"p{len(rows)}", "years": 50})
+    (images_dir / "case_broken.jpg").write_bytes((images_dir / "case_000.jpg").read_bytes()[:300])
+    rows.append({"file": "case_broken.jpg", "diagnosis": "nv", "patient": "px", "years": 40})
+    csv = folder / "cases.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return images_dir, csv
+
+
+@pytest.mark.slow
+def test_classification_submission_is_scored_identically_by_official_scorer(
+    saved_models, data_root, tmp_path, official_csv_parser
+):
+    images_dir, csv = make_clinic(data_root, tmp_path / "clinic", per_class=4)
+    result = run_evaluate(
+        "--model", str(saved_models / "classifier"),
+        "--dataset", "clinic", "--data-root", str(images_dir), "--clinic-csv", str(csv),
+        "--column-map", "image=file", "label=diagnosis", "group_id=patient", "age=years",
+        "--split", "all", "--output-dir", "eval", "--submission-dir", "submission", "--lesion-focus",
+        cwd=tmp_path,
+    )  # fmt: skip
+    metrics = result["metrics"]
+    assert result["task"] == "classification" and result["num_samples"] == 28
+    # The corrupt file is reported by name and skipped.
+    assert [entry[0] for entry in result["bad_files"]["bad_images"]] == ["case_broken"]
+    # Per-branch Grad-CAM lesion focus: a share of heatmap mass, over the images whose heatmap has any (an untrained
+    # model's image-branch Grad-CAM can be all zero after its ReLU).
+    focus, counted = result["lesion_focus"], result["lesion_focus_images"]
+    assert set(focus) == set(counted) == {"image", "lesion"} and counted["lesion"] > 0
+    for branch in focus:
+        assert (focus[branch] is None) == (counted[branch] == 0)
+        assert focus[branch] is None or 0.0 <= focus[branch] <= 1.0
+
+    submission = tmp_path / "submission" / "predictions.csv"
+    table = pd.read_csv(submission)
+    assert list(table.columns) == ["image", "akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] and len(table) == 28
+    cases = pd.read_csv(csv).iloc[:-1]
+    truth = pd.DataFrame(0.0, index=range(28), columns=table.columns[1:])
+    for i, diagnosis in enumerate(cases["diagnosis"]):
+        truth.loc[i, diagnosis] = 1.0
+    truth.insert(0, "image", [Path(f).stem for f in cases["file"]])
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    official = ClassificationScore.from_file(
+        tmp_path / "truth.csv", submission, ClassificationMetric.BALANCED_ACCURACY
+    )
+    assert abs(metrics["balanced_accuracy"] - official.aggregate["balanced_accuracy"]) < 1e-6
+    assert abs(metrics["macro_auc"] - official.macro_average["auc"]) < 1e-6
+    for name in table.columns[1:]:
+        assert abs(metrics["per_class_auc"][name] - official.per_category.loc[name, "auc"]) < 1e-6
+
+
+def training_args(data_root: Path, **overrides) -> argparse.Namespace:
+    values = {
+        "dataset": ["ham10000"],
+        "data_root": [str(data_root / "ham10000")],
+        "clinic_csv": None,
+        "column_map": [],
+        "hub_split": "train",
+        "val_size": 0.15,
+        "test_size": 0.1,
+        "split_seed": 3,
+        "max_train_samples": None,
+        "max_eval_samples": 60,
+        "bad_files": "unchecked",
+        "splits_file": None,
+        "split": "validation",
+    }
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_validation_split_is_the_training_split(script, data_root):
+    """The training scripts' own split helper (`_training.prepare_splits`) and evaluate.py pick the same images."""
+    training = script.T
+    PartialState()  # the training helpers log through Accelerate
+    args = training_args(data_root)
+    dataset = training.load_sources(args, "classification", label_set="ham10000")
+    trained_on, _ = training.prepare_splits(args, dataset, stratify_column="label", require_masks=False)
+    validation = script.select_split(args, dataset, "label")
+    assert column_values(validation, "image_id") == column_values(trained_on["validation"], "image_id")
+    # Training never caps its test split.
+    test = script.select_split(training_args(data_root, split="test", max_eval_samples=None), dataset, "label")
+    assert column_values(test, "image_id") == column_values(trained_on["test"], "image_id")
+    assert len(validation) == 60 and len(test) > 500
+
+
+def test_splits_file_selects_the_recorded_ids(script, data_root, tmp_path):
+    dataset = load_ham10000(data_root / "ham10000", masks=False)
+    ids = column_values(dataset, "image_id")
+    recorded = {"validation": ids[10:20], "train": ids[:10]}
+    (tmp_path / "splits.json").write_text(json.dumps(recorded))
+    args = training_args(data_root, splits_file=str(tmp_path / "splits.json"), max_eval_samples=None)
+    assert column_values(script.select_split(args, dataset, "label"), "image_id") == ids[10:20]
+    args = training_args(data_root, splits_file=str(tmp_path / "splits.json"), split="test")
+    with pytest.raises(ValueError, match="no 'test' split"):
+        script.select_split(args, dataset, "label")
+
+
+def test_labels_the_model_does_not_predict_are_refused(script, saved_models, data_root, tmp_path):
+    images_dir, csv = make_clinic(data_root, tmp_path / "clinic", per_class=1)
+    table = pd.read_csv(csv)
+    table.loc[0, "diagnosis"] = "dermatofibrosarcoma"
+    table.to_csv(csv, index=False)
+    argv = [
+        "--model", str(saved_models / "classifier"), "--dataset", "clinic", "--data-root", str(images_dir),
+        "--clinic-csv", str(csv), "--column-map", "image=file", "label=diagnosis", "--split", "all",
+        "--output-dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"\['dermatofibrosarcoma'\] that the model does not predict.*finetune"):
+        script.main(argv)
+
+
+def test_rejects_models_that_are_not_skin_dualnet(script, tmp_path):
+    AutoConfig.for_model("vit").save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="'vit' model"):
+        script.load_model(str(tmp_path / "vit"), torch.device("cpu"))
+
+
+def test_import_evaluate_from_the_scripts_folder_gets_the_library(tmp_path):
+    """Python puts a script's folder first on sys.path; `import evaluate` there must still be the library."""
+    code = "import evaluate, sys; print(evaluate.__file__); print(callable(evaluate.load))"
+    result = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    location, has_load = result.stdout.split()
+    assert "site-packages" in location and Path(location).parent.name == "evaluate" and has_load == "True"
