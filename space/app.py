@@ -16,6 +16,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,11 @@ def read_image(image: Any) -> Image.Image:
         raise gr.Error(f"Expected an image file, got {type(image).__name__}.")
     name = Path(image).name
     try:
-        with Image.open(image) as opened:
+        with warnings.catch_warnings():
+            # PIL warns between its limit and twice it; the size check below refuses those images with a message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(image)
+        with opened:
             _check_size(*opened.size)  # from the header, before any pixel is decoded
             opened.load()
             return _to_rgb(opened)
@@ -305,23 +310,6 @@ def predict(image: Any, age: Any = None, sex: Any = None, site: Any = None, sour
 # --------------------------------------------------------------------------------------------------------------------
 # Page
 # --------------------------------------------------------------------------------------------------------------------
-class LesionImage(gr.Image):
-    """`gr.Image` whose upload check turns unreadable files and decompression bombs into a clear `gr.Error`."""
-
-    is_template = True  # rendered by the frontend's Image component
-
-    def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except Image.DecompressionBombError:
-            raise gr.Error(
-                f"The upload declares more than {MAX_PIXELS // 1_000_000} megapixels and was refused (a possible "
-                "decompression bomb); downscale it."
-            ) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise gr.Error(f"The upload is not a readable image (JPEG, PNG, ...): {error}") from None
-
-
 def examples() -> list[list[Any]]:
     """`[path, age, sex, site]` rows of the bundled CC0 examples (see `examples/ATTRIBUTION.md`)."""
     table = EXAMPLES_DIR / "examples.csv"
@@ -351,8 +339,11 @@ def build(source: str | None = None) -> gr.Blocks:
     sex_choices = [UNKNOWN] + [s for s in model.sex_choices if s != UNKNOWN]
     site_choices = [UNKNOWN] + [s for s in model.site_choices if s != UNKNOWN]
 
-    def analyse(image: str | None, age: float | None, sex: str | None, site: str | None) -> tuple:
-        return predict(image, age, sex, site, source=model.source)
+    def analyse(image: dict | None, age: float | None, sex: str | None, site: str | None) -> tuple:
+        # The event runs with `preprocess=False`: the upload arrives as gradio's file record (already checked to lie
+        # in the upload folder) and is decoded only by `read_image`, whose size check precedes any pixel decoding.
+        path = image.get("path") if isinstance(image, dict) else image
+        return predict(path, age, sex, site, source=model.source)
 
     with gr.Blocks(title="skin-dualnet research demo") as demo:
         gr.Markdown("# skin-dualnet: lesion segmentation, classification and Grad-CAM")
@@ -360,7 +351,7 @@ def build(source: str | None = None) -> gr.Blocks:
         gr.Markdown(model_status(model), elem_id="model-info")
         with gr.Row():
             with gr.Column(scale=1):
-                image = LesionImage(
+                image = gr.Image(
                     type="filepath", label="Dermoscopic image", sources=["upload", "clipboard"], elem_id="image"
                 )
                 age = gr.Number(
@@ -369,7 +360,7 @@ def build(source: str | None = None) -> gr.Blocks:
                 sex = gr.Dropdown(sex_choices, value=UNKNOWN, label="Sex (optional)", elem_id="sex")
                 site = gr.Dropdown(site_choices, value=UNKNOWN, label="Anatomical site (optional)", elem_id="site")
                 run = gr.Button("Analyse", variant="primary", elem_id="run", interactive=model.ok)
-                if examples():
+                if model.ok and examples():
                     gr.Examples(
                         examples(),
                         inputs=[image, age, sex, site],
@@ -396,6 +387,7 @@ def build(source: str | None = None) -> gr.Blocks:
             inputs=[image, age, sex, site],
             outputs=[mask_overlay, lesion_image, cam_image, cam_lesion, probabilities, focus, metadata],
             api_name="predict",
+            preprocess=False,
         )
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
