@@ -1,0 +1,257 @@
+"""The two training scripts, run as a user runs them (subprocesses on real images): end to end, bad files,
+offline backbones, and a run killed after a checkpoint and resumed."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel
+
+from modeling_skinlesion import SkinDualNet, SkinLesionSegmenter
+from modeling_skinlesion.data import column_values, concatenate_sources, grouped_split, load_ham10000, load_isic2017
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+# One thread per process: on a small shared CI box, two OpenMP threads competing with other jobs make each training
+# step tens of times slower.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_script(name: str, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source.resolve())
+
+
+@pytest.fixture(scope="module")
+def small_data(data_root: Path, tmp_path_factory) -> dict[str, Path]:
+    """A HAM10000-layout folder with 36 real images of 5 classes and their masks, one training image truncated, plus
+    an ISIC 2017-layout folder with 12 real image/mask pairs."""
+    root = tmp_path_factory.mktemp("data")
+    table = pd.read_csv(data_root / "ham10000" / "HAM10000_metadata.csv")
+    picked = pd.concat(
+        [table[table["dx"] == dx].head(n) for dx, n in [("nv", 16), ("mel", 8), ("bkl", 6), ("bcc", 4), ("df", 2)]]
+    )
+    ham = root / "ham10000"
+    for image_id in picked["image_id"]:
+        _link(
+            data_root / "ham10000" / "images" / f"{image_id}.jpg", ham / "HAM10000_images_part_1" / f"{image_id}.jpg"
+        )
+        name = f"{image_id}_segmentation.png"
+        _link(data_root / "ham10000" / "masks" / name, ham / "masks" / name)
+    picked.to_csv(ham / "HAM10000_metadata.csv", index=False)
+
+    isic = root / "isic2017"
+    manifest = pd.read_csv(data_root / "isic2017" / "manifest.csv")
+    manifest = manifest[manifest["has_isic2017_mask"] == 1].head(12)
+    for image_id in manifest["image_id"]:
+        _link(data_root / "isic2017" / "images" / f"{image_id}.jpg", isic / "images" / f"{image_id}.jpg")
+        name = f"{image_id}_segmentation.png"
+        _link(data_root / "isic2017" / "masks" / name, isic / "masks" / name)
+    manifest.to_csv(isic / "manifest.csv", index=False)
+
+    # Truncate one image that both scripts' splits (seed 0, 25 % validation) put in the training set: the
+    # classifier's (HAM10000, by class) and the segmenter's (HAM10000 + ISIC 2017, by source).
+    ham_rows = load_ham10000(ham, masks=True)
+    by_class = grouped_split(ham_rows, val_size=0.25, seed=0)["train"]
+    joined = concatenate_sources([ham_rows, load_isic2017(isic)], drop_labels=True)
+    by_source = grouped_split(joined, val_size=0.25, seed=0, stratify_column="source")["train"]
+    corrupt = sorted(set(column_values(by_class, "image_id")) & set(column_values(by_source, "image_id")))[0]
+    path = ham / "HAM10000_images_part_1" / f"{corrupt}.jpg"
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: len(data) // 3])
+    return {"ham10000": ham, "isic2017": isic, "corrupt": corrupt}
+
+
+@pytest.fixture(scope="module")
+def segmenter_run(small_data, presets: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output = tmp_path_factory.mktemp("segmenter")
+    result = run_script(
+        "train_segmenter.py",
+        "--config", presets / "segmenter-tiny.json",
+        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--dataset", "isic2017", "--data-root", small_data["isic2017"],
+        "--output-dir", output, "--val-size", "0.25",
+        "--epochs", "2", "--batch-size", "4", "--checkpointing-steps", "3", "--keep-checkpoints", "2",
+        "--bad-files", "unchecked",  # let the truncated image reach the DataLoader
+        "--mixed-precision", "bf16",
+    )  # fmt: skip
+    return output, result
+
+
+OPTIONS = ("--config", "--dataset", "--data-root", "--resume", "--checkpointing-steps", "--grad-accum")
+OPTIONS += ("--mixed-precision", "--backbone-pretrained", "--report-to", "--max-train-samples", "--keep-checkpoints")
+
+
+def test_help_lists_the_options():
+    for script in ("train_segmenter.py", "train_classifier.py"):
+        result = run_script(script, "--help", timeout=120)
+        for option in OPTIONS:
+            assert option in result.stdout, (script, option)
+    assert "--class-weights" in result.stdout and "--segmenter" in result.stdout
+
+
+def test_segmenter_end_to_end_with_a_corrupt_training_image(segmenter_run, small_data):
+    output, result = segmenter_run
+    log = result.stdout + result.stderr
+    # The truncated image is skipped by name; the epochs finish.
+    assert small_data["corrupt"] in log
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert [record["epoch"] for record in metrics["history"]] == [0, 1]
+    assert sum(record["dropped_files"] for record in metrics["history"]) == 2  # once per epoch
+    assert metrics["best"]["metric"] == "dice" and 0 <= metrics["best"]["value"] <= 1
+    assert metrics["best"]["value"] == max(r["validation"]["dice"] for r in metrics["history"])
+    assert set(metrics["best"]["validation"]) >= {"dice", "jaccard", "thresholded_jaccard", "sensitivity"}
+    assert metrics["split"]["train"]["images"] + metrics["split"]["validation"]["images"] == 36 + 12
+    assert "epoch 2/2" in result.stdout
+    # A loadable model and processor, equal to the best epoch's weights.
+    model = AutoModel.from_pretrained(output)
+    assert isinstance(model, SkinLesionSegmenter)
+    best = load_file(output / "checkpoints" / "best_model" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, best[name], rtol=0, atol=0)
+    assert AutoImageProcessor.from_pretrained(output).size == {"height": 64, "width": 64}
+    assert (output / "README.md").read_text().startswith("# skin-dualnet lesion segmenter")
+    # Checkpoints every 3 steps and at each epoch end, rotated down to the 2 newest.
+    steps = metrics["steps"]
+    saved = sorted({*range(3, steps + 1, 3), *(r["step"] for r in metrics["history"])})[-2:]
+    assert sorted(p.name for p in (output / "checkpoints").glob("checkpoint-*")) == sorted(
+        f"checkpoint-{s}" for s in saved
+    )
+    assert steps == 2 * math.ceil(metrics["split"]["train"]["images"] / 4)
+    splits = json.loads((output / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["validation"])
+
+
+def test_classifier_end_to_end_contains_the_trained_segmenter(segmenter_run, small_data, presets, tmp_path):
+    segmenter_dir, _ = segmenter_run
+    result = run_script(
+        "train_classifier.py",
+        "--config", presets / "skin-dualnet-tiny.json", "--segmenter", segmenter_dir,
+        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--output-dir", tmp_path, "--val-size", "0.25",
+        "--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--class-weights", "balanced",
+    )  # fmt: skip
+    assert small_data["corrupt"] in result.stdout + result.stderr  # skipped by the file check before training
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bad_files"]["train"]["bad_images"][0][0] == small_data["corrupt"]
+    assert len(metrics["history"]) == 2 and metrics["best"]["metric"] == "balanced_accuracy"
+    validation = metrics["best"]["validation"]
+    assert set(validation) >= {"accuracy", "balanced_accuracy", "macro_auc", "per_class_auc", "ece"}
+    # Batches of 4 with 2 accumulation steps (the last window of an epoch may be short).
+    assert metrics["steps"] == 2 * math.ceil(math.ceil(metrics["split"]["train"]["images"] / 4) / 2)
+
+    model = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(model, SkinDualNet)
+    assert list(model.config.id2label.values()) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert model.config.class_weights == pytest.approx(metrics["class_weights"])
+    assert (
+        model.config.class_weights[model.config.label2id["df"]]
+        > model.config.class_weights[model.config.label2id["nv"]]
+    )
+    # One checkpoint is the whole system: the trained segmenter is inside, unchanged by classifier training.
+    segmenter = SkinLesionSegmenter.from_pretrained(segmenter_dir)
+    for name, tensor in segmenter.state_dict().items():
+        torch.testing.assert_close(model.segmenter.state_dict()[name], tensor, rtol=0, atol=0)
+    with torch.no_grad():
+        out = model.eval()(pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.logits.shape == (1, 7) and out.lesion_mask.shape == (1, 1, 64, 64)
+
+
+def test_bad_files_raise_names_the_file(small_data, presets, tmp_path):
+    result = run_script(
+        "train_segmenter.py",
+        "--config", presets / "segmenter-tiny.json",
+        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--output-dir", tmp_path, "--val-size", "0.25", "--bad-files", "raise",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"{small_data['corrupt']}.jpg" in result.stderr and "truncated" in result.stderr
+
+
+def test_backbone_pretrained_fails_clearly_offline(small_data, presets, tmp_path):
+    result = run_script(
+        "train_classifier.py",
+        "--config", presets / "skin-dualnet-tiny.json",
+        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--output-dir", tmp_path, "--val-size", "0.25", "--backbone-pretrained",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--backbone-pretrained could not download" in result.stderr and "offline" in result.stderr
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp_path):
+    """Kill a run (SIGKILL) once a checkpoint exists, `--resume latest`, and compare with a run never stopped."""
+    arguments = [
+        "--config", presets / "segmenter-tiny.json",
+        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--val-size", "0.25", "--epochs", "2", "--batch-size", "2",
+        "--checkpointing-steps", "4", "--keep-checkpoints", "2", "--seed", "7",
+    ]  # fmt: skip
+    reference = tmp_path / "reference"
+    run_script("train_segmenter.py", *arguments, "--output-dir", reference)
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, str(SCRIPTS / "train_segmenter.py"), *map(str, arguments), "--output-dir", interrupted]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (interrupted / "checkpoints" / "checkpoint-8").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / "metrics.json").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in (interrupted / "checkpoints").glob("checkpoint-*"))
+
+    resumed = run_script("train_segmenter.py", *arguments, "--output-dir", interrupted, "--resume", "latest")
+    assert f"Resumed from {interrupted / 'checkpoints' / f'checkpoint-{killed_at}'} at step {killed_at}" in (
+        resumed.stdout
+    )
+    expected = json.loads((reference / "metrics.json").read_text())
+    actual = json.loads((interrupted / "metrics.json").read_text())
+    # Same final step count, no lost epoch, identical validation after every epoch.
+    assert actual["steps"] == expected["steps"] == 2 * math.ceil(expected["split"]["train"]["images"] / 2)
+    assert [r["epoch"] for r in actual["history"]] == [0, 1]
+    for mine, theirs in zip(actual["history"], expected["history"]):
+        assert mine["step"] == theirs["step"] and mine["validation"] == theirs["validation"]
+    # The model, optimizer and RNG state were restored: the final weights equal the uninterrupted run's.
+    final = f"checkpoint-{expected['steps']}"
+    reference_weights = load_file(reference / "checkpoints" / final / "model.safetensors")
+    resumed_weights = load_file(interrupted / "checkpoints" / final / "model.safetensors")
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(
+        load_file(interrupted / "model.safetensors")["segmentation_head.weight"],
+        load_file(reference / "model.safetensors")["segmentation_head.weight"],
+        rtol=0,
+        atol=0,
+    )
