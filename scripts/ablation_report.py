@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Score the classifier ablation on its held-out test split: metrics, bootstrap intervals, Grad-CAM lesion focus.
+
+    python scripts/ablation_report.py --data-root ../shared/data/ham10000 --output-dir runs/ablation-report \
+        --model a=runs/skin-dualnet-small-single b=runs/skin-dualnet-small-nometa c=runs/skin-dualnet-small \
+        --no-metadata-variant d=c --focus-samples 128
+
+Every `--model NAME=FOLDER` is a classifier saved by `scripts/train_classifier.py` with `--test-size > 0`; all must
+have been trained on the same split (their `splits.json` test ids must agree). `--no-metadata-variant NEW=NAME`
+scores model NAME again with every metadata field withheld (age missing, sex and site "unknown"). Lesion images come
+from each classifier's own segmenter (as at inference). For each variant the script writes the per-image
+probabilities (`predictions_<name>.csv`) and, in `results.json`/`results.md`: accuracy, balanced accuracy, macro
+AUC, ECE (the shipped `lesion_classification` metric), the mean per-branch Grad-CAM lesion focus on the first
+`--focus-samples` test images (share of heatmap mass inside the ground-truth HAM10000 mask; the lesion branch's
+heatmap is put back into its crop box; a uniform heatmap would score the lesion's share of the image), and
+lesion-clustered bootstrap 95 % intervals of the differences in balanced accuracy between variants. It also picks
+the variant to export (best validation balanced accuracy in its training run) and writes `card_metrics.json` for
+`scripts/push_to_hub.py --metrics-file`.
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import PartialState
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _training as T  # noqa: E402
+
+from modeling_skinlesion import SkinLesionMetadataProcessor  # noqa: E402
+from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values  # noqa: E402
+
+logger = logging.getLogger(__name__)
+SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
+COMPARISONS = (("b", "a", "dual vs single"), ("c", "b", "metadata vs none"), ("c", "d", "metadata at test")) + (
+    ("c", "a", "full vs single"),
+)
+
+
+def load_evaluate_script():
+    """`scripts/evaluate.py` under a name that cannot shadow the `evaluate` library."""
+    spec = importlib.util.spec_from_file_location(
+        "skin_dualnet_evaluate_script", Path(__file__).with_name("evaluate.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, target = value.partition("=")
+        if not sep or not name or not target:
+            raise ValueError(f"`{option}` takes NAME=VALUE pairs, got {value!r}.")
+        pairs[name] = target
+    return pairs
+
+
+def predict(model, dataloader, drop_metadata: bool, focus_limit: int, scripts) -> dict[str, Any]:
+    """Probabilities, labels and ids over the split; Grad-CAM lesion focus per branch on the first `focus_limit`."""
+    probabilities, labels, ids, focus = [], [], [], {}
+    for batch in dataloader:
+        if batch["pixel_values"].shape[0] == 0:
+            continue
+        inputs = {key: batch[key] for key in ("pixel_values", "age", "sex_ids", "site_ids")}
+        if drop_metadata:
+            inputs["age"] = torch.full_like(inputs["age"], float("nan"))
+            inputs["sex_ids"] = torch.zeros_like(inputs["sex_ids"])
+            inputs["site_ids"] = torch.zeros_like(inputs["site_ids"])
+        with torch.no_grad():
+            outputs = model(**inputs)
+        probabilities.append(outputs.logits.float().softmax(-1))
+        labels.append(batch["labels"])
+        ids += batch["image_id"]
+        remaining = focus_limit - len(focus.get("image", []))
+        if remaining > 0:
+            if not bool(batch["has_mask"].all()):
+                raise ValueError("Lesion focus needs a ground-truth mask for every test image.")
+            part = {key: value[:remaining] for key, value in inputs.items()}
+            reference = batch["lesion_mask"][:remaining]
+            for branch, values in scripts.lesion_focus_scores(model, part, reference).items():
+                focus.setdefault(branch, []).extend(values)
+            # What a uniform heatmap would score on the image branch: the lesion's share of the image.
+            focus.setdefault("chance", []).extend((reference > 0.5).float().flatten(1).mean(1).tolist())
+    return {
+        "probabilities": torch.cat(probabilities).double().numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "image_ids": ids,
+        "lesion_focus": focus,
+    }
+
+
+def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    classes = np.unique(labels)
+    return float(np.mean([(predicted[labels == k] == k).mean() for k in classes]))
+
+
+def bootstrap_differences(
+    predictions: dict[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, resamples: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """Balanced-accuracy differences with 95 % intervals from resampling whole lesions (their images together)."""
+    rng = np.random.default_rng(seed)
+    unique, group_index = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(group_index == g) for g in range(len(unique))]
+    draws = {key: [] for key in predictions}
+    for _ in range(resamples):
+        chosen = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        for key, predicted in predictions.items():
+            draws[key].append(balanced_accuracy(predicted[chosen], labels[chosen]))
+    draws = {key: np.array(values) for key, values in draws.items()}
+    result = {}
+    for first, second, meaning in COMPARISONS:
+        if first in predictions and second in predictions:
+            difference = draws[first] - draws[second]
+            observed = balanced_accuracy(predictions[first], labels) - balanced_accuracy(predictions[second], labels)
+            low, high = np.percentile(difference, [2.5, 97.5])
+            result[f"{first}-{second}"] = {
+                "meaning": meaning,
+                "difference": observed,
+                "ci95_low": float(low),
+                "ci95_high": float(high),
+                "share_of_resamples_above_zero": float((difference > 0).mean()),
+            }
+    return result
+
+
+def markdown_table(rows: dict[str, dict[str, Any]], descriptions: dict[str, str]) -> str:
+    lines = [
+        "| variant | accuracy | balanced acc. | macro AUC | ECE | lesion focus: image branch | lesion branch "
+        "| uniform heatmap (lesion share of image) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        focus = row["lesion_focus"]
+        cells = [f"{row['metrics'][key]:.3f}" for key in SCORES]
+        cells += [f"{focus[b]:.3f}" if focus.get(b) is not None else "–" for b in ("image", "lesion", "chance")]
+        lines.append(f"| ({name}) {descriptions[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="The HAM10000 folder the classifiers were trained on.")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--model", nargs="+", required=True, help="NAME=FOLDER of each trained classifier.")
+    parser.add_argument("--no-metadata-variant", nargs="*", default=[], help="NEW=NAME: NAME without metadata.")
+    parser.add_argument("--focus-samples", type=int, default=128, help="Test images scored for lesion focus.")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="Lesion-clustered bootstrap resamples.")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    PartialState(cpu=True)  # the training helpers log through Accelerate
+    scripts = load_evaluate_script()
+    models = parse_pairs(args.model, "--model")
+    ablations = parse_pairs(args.no_metadata_variant, "--no-metadata-variant")
+    for new, base in ablations.items():
+        if base not in models:
+            raise ValueError(
+                f"`--no-metadata-variant {new}={base}`: {base!r} is not a `--model` name ({sorted(models)})."
+            )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # The one test split all variants share ---------------------------------------------------------------------------
+    test_ids = {
+        name: json.loads((Path(folder) / "splits.json").read_text())["test"] for name, folder in models.items()
+    }
+    reference_name = next(iter(models))
+    for name, ids in test_ids.items():
+        if sorted(ids) != sorted(test_ids[reference_name]):
+            raise ValueError(f"The test split of {models[name]} differs from that of {models[reference_name]}.")
+    if not test_ids[reference_name]:
+        raise ValueError(f"{models[reference_name]}/splits.json has no test images; train with --test-size > 0.")
+    data_args = scripts.parse_args(
+        ["--model", models[reference_name], "--output-dir", str(output_dir), "--dataset", "ham10000", "--data-root",
+         args.data_root, "--split", "test", "--splits-file", str(Path(models[reference_name]) / "splits.json")]
+    )  # fmt: skip
+    dataset = T.load_sources(data_args, "classification", label_set="ham10000")
+    split = scripts.select_split(data_args, dataset, "label")
+    group_of = dict(zip(column_values(split, "image_id"), column_values(split, "group_id")))
+    logger.info(f"Test split: {len(split)} images of {len(set(group_of.values()))} lesions")
+
+    # Predict every variant -------------------------------------------------------------------------------------------
+    rows: dict[str, dict[str, Any]] = {}
+    descriptions: dict[str, str] = {}
+    runs = [(name, folder, False) for name, folder in models.items()]
+    runs += [(new, models[base], True) for new, base in ablations.items()]
+    labels = groups = None
+    hard_predictions = {}
+    for name, folder, drop_metadata in runs:
+        start = time.perf_counter()
+        model, processor = scripts.load_model(folder, torch.device("cpu"))
+        names = scripts.model_labels(model)
+        transform = SkinLesionTransform(
+            processor, train=False, metadata_processor=SkinLesionMetadataProcessor.from_config(model.config)
+        )
+        dataloader = build_dataloader(split, transform, args.batch_size)
+        predicted = predict(model, dataloader, drop_metadata, args.focus_samples, scripts)
+        variant_labels = scripts.label_remap(split, names)[predicted["labels"]]
+        if labels is None:
+            labels = variant_labels
+            groups = np.array([group_of[image_id] for image_id in predicted["image_ids"]])
+        elif not np.array_equal(labels, variant_labels):
+            raise ValueError(f"Variant {name} saw the test images in another order.")
+        metrics = scripts.classification_metrics(predicted["probabilities"], variant_labels, names)
+        hard_predictions[name] = predicted["probabilities"].argmax(1)
+        config = model.config
+        descriptions[name] = (
+            ("dual encoder" if config.use_lesion_branch else "single encoder")
+            + (" + metadata" if config.use_metadata else "")
+            + (", metadata withheld at test" if drop_metadata else "")
+        )
+        rows[name] = {
+            "model": folder,
+            "metadata_withheld": drop_metadata,
+            "metrics": {key: metrics[key] for key in (*SCORES, "per_class_sensitivity", "num_samples")},
+            "lesion_focus": {b: float(np.nanmean(v)) for b, v in predicted["lesion_focus"].items()},
+            "lesion_focus_images": {b: len(v) for b, v in predicted["lesion_focus"].items()},
+            "wall_time_s": time.perf_counter() - start,
+        }
+        table = pd.DataFrame(predicted["probabilities"], columns=names)
+        table.insert(0, "label", [names[i] for i in variant_labels])
+        table.insert(0, "lesion_id", groups)
+        table.insert(0, "image_id", predicted["image_ids"])
+        table.to_csv(output_dir / f"predictions_{name}.csv", index=False)
+        logger.info(f"({name}) {descriptions[name]}: " + T.format_metrics(metrics, SCORES) + f" | {rows[name]}")
+        del model
+
+    differences = bootstrap_differences(hard_predictions, labels, groups, args.bootstrap, args.seed)
+
+    # The model to export: the best validation balanced accuracy of its own training run (never the test score) ----
+    validation = {
+        name: json.loads((Path(folder) / "metrics.json").read_text())["best"]["value"]
+        for name, folder in models.items()
+    }
+    export = max(validation, key=validation.get)
+    card = {
+        "dataset": "ham10000",
+        "split": "test (lesion-grouped, held out, never used for model selection)",
+        "num_samples": int(len(labels)),
+        "model": models[export],
+        "metrics": {
+            **{key: rows[export]["metrics"][key] for key in SCORES},
+            "per_class_sensitivity": rows[export]["metrics"]["per_class_sensitivity"],
+            "lesion_focus": rows[export]["lesion_focus"],
+            "ablation_balanced_accuracy": {
+                descriptions[n]: row["metrics"]["balanced_accuracy"] for n, row in rows.items()
+            },
+        },
+    }
+    T.write_json(output_dir / "card_metrics.json", card)
+    result = {
+        "test_images": int(len(labels)),
+        "test_lesions": int(len(set(groups))),
+        "focus_samples": args.focus_samples,
+        "focus_masks": "ground-truth HAM10000 masks",
+        "variants": rows,
+        "descriptions": descriptions,
+        "balanced_accuracy_differences": differences,
+        "validation_balanced_accuracy": validation,
+        "export": {"variant": export, "model": models[export], "card_metrics": str(output_dir / "card_metrics.json")},
+    }
+    T.write_json(output_dir / "results.json", result)
+    lines = [
+        markdown_table(rows, descriptions),
+        "",
+        "| difference in balanced acc. | value | 95 % CI (lesion bootstrap) |",
+    ]
+    lines.append("| --- | --- | --- |")
+    for key, value in differences.items():
+        lines.append(
+            f"| {key} ({value['meaning']}) | {value['difference']:+.3f} | "
+            f"[{value['ci95_low']:+.3f}, {value['ci95_high']:+.3f}] |"
+        )
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    logger.info("\n" + "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
