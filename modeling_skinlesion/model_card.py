@@ -15,6 +15,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 DEFAULT_REPO_ID = "org/skin-dualnet"
 NON_COMMERCIAL_LICENSE = "cc-by-nc-4.0"
+COUNT_KEYS = ("num_samples", "num_images")
+BEFORE_KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
 
 PAPER_CITATION = """@article{atiq2025explainable,
   title   = {Towards Explainable Skin Cancer Classification: A Dual-Network Attention Model with Lesion Segmentation
@@ -114,7 +116,8 @@ def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[s
     """(context, metric values) of a metrics JSON in any of the shapes the scripts write:
 
     - `scripts/evaluate.py`: `{"dataset": ..., "split": ..., "num_samples": ..., "metrics": {...}}`;
-    - the training scripts: `{"best": {"epoch": ..., "validation": {...}}, "args": {"dataset": [...]}, ...}`;
+    - the training scripts: `{"best": {"epoch": ..., "validation": {...}}, "args": {"dataset": [...]}, ...}`
+      (`scripts/finetune.py` adds `eval_dataset`, the data the validation split came from, and `before`);
     - a flat dict of metric values.
     """
     if isinstance(metrics.get("metrics"), Mapping):
@@ -124,28 +127,36 @@ def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[s
     if isinstance(best, Mapping) and isinstance(best.get("validation"), Mapping):
         context: dict[str, Any] = {"split": "validation"}
         training_args = metrics.get("args") if isinstance(metrics.get("args"), Mapping) else {}
-        if training_args.get("dataset"):
+        if metrics.get("eval_dataset"):
+            context["dataset"] = str(metrics["eval_dataset"])
+        elif training_args.get("dataset"):
             context["dataset"] = ", ".join(map(str, training_args["dataset"]))
+        for key in COUNT_KEYS:
+            if _is_number(best["validation"].get(key)):
+                context[key] = best["validation"][key]
         if isinstance(best.get("epoch"), int):
             context["best epoch"] = best["epoch"] + 1
         return context, best["validation"]
     return {}, metrics
 
 
-def metrics_tables(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, float]], dict[str, dict[str, Any]]]:
+def metrics_tables(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, Number]], dict[str, dict[str, Any]]]:
     """Split a metrics JSON (see `split_metrics`) into (name, value) rows and per-class columns: entries named
     `per_class_<metric>` (dicts keyed by class) become per-class columns, other dicts of numbers are flattened as
-    `parent/child`, and anything else (strings, lists) is left out."""
+    `parent/child`, counts (`num_samples`, `num_images`) belong to the context, and anything else (strings, lists) is
+    left out."""
     _, values = split_metrics(metrics)
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, Number]] = []
     per_class: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
+        if key in COUNT_KEYS:
+            continue
         if _is_number(value):
-            rows.append((key, float(value)))
+            rows.append((key, value))
         elif isinstance(value, Mapping) and key.startswith("per_class_"):
             per_class[key.removeprefix("per_class_")] = dict(value)
         elif isinstance(value, Mapping):
-            rows.extend((f"{key}/{k}", float(v)) for k, v in value.items() if _is_number(v))
+            rows.extend((f"{key}/{k}", v) for k, v in value.items() if _is_number(v))
     return rows, per_class
 
 
@@ -193,6 +204,13 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
         for label in classes:
             cells = " | ".join(_format(column.get(label)) for column in per_class.values())
             lines.append(f"| {label} | {cells} |")
+    before = metrics.get("before")
+    if isinstance(before, Mapping):
+        scores = ", ".join(f"{key} {_format(before[key])}" for key in BEFORE_KEYS if _is_number(before.get(key)))
+        lines += [
+            "",
+            f"Before fine-tuning (the base checkpoint, its classes mapped onto these), on the same images: {scores}.",
+        ]
     lines += [
         "",
         "These figures come from the data named above; they do not predict performance on another clinic's "
@@ -337,6 +355,11 @@ def render_model_card(
             f"Licence: `{license}`. Check that the terms of every training set allow the use you intend. The code "
             "that defines the model is Apache-2.0."
         )
+        if base_model:
+            licence_text += (
+                f" These weights start from `{base_model}`: its licence (CC BY-NC 4.0 if it was trained on HAM10000 "
+                "or ISIC data) applies to them too."
+            )
     citations = "\n\n".join([PAPER_CITATION] + [info["citation"] for info in known.values()])
     body = f"""
 # {repo_id.split("/")[-1]}
