@@ -15,7 +15,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,9 @@ MAX_AGE = 120
 CONCURRENCY_LIMIT = 2
 QUEUE_SIZE = 16
 TOP_K = 5
+DISPLAY_SIDE = 256
+OUTPUT_IMAGES = ("mask_overlay", "lesion_image", "gradcam_image_branch", "gradcam_lesion_branch")
+OUTPUT_MAX_AGE_S = 600
 UNKNOWN = "unknown"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
@@ -151,14 +157,20 @@ def get_model(source: str | None = None) -> LoadedModel:
 # --------------------------------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------------------------------
+def user_error(message: str) -> gr.Error:
+    """An error shown to the user in the page (a toast) or the API client; bad input is not a server fault, so no
+    traceback is printed."""
+    return gr.Error(message, print_exception=False)
+
+
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
-        raise gr.Error(
+        raise user_error(
             f"The image is {width}x{height} pixels, more than the limit of {MAX_PIXELS // 1_000_000} megapixels; "
             "downscale it (dermoscopy images rarely exceed 25 megapixels)."
         )
     if min(width, height) < MIN_SIDE:
-        raise gr.Error(
+        raise user_error(
             f"The image is only {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels for the model "
             "to see the lesion."
         )
@@ -182,10 +194,10 @@ def read_image(image: Any) -> Image.Image:
     """An upload (file path, PIL image or numpy array) as an RGB PIL image; a `gr.Error` says what is wrong with any
     other input: nothing uploaded, not an image, truncated, too large (decompression bomb) or too small."""
     if image is None:
-        raise gr.Error("No image: upload a dermoscopic image (JPEG or PNG) or pick one of the examples.")
+        raise user_error("No image: upload a dermoscopic image (JPEG or PNG) or pick one of the examples.")
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or image.size == 0:
-            raise gr.Error(f"The image array has shape {image.shape}; expected (height, width[, channels]).")
+            raise user_error(f"The image array has shape {image.shape}; expected (height, width[, channels]).")
         _check_size(image.shape[1], image.shape[0])
         array = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
         image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
@@ -193,7 +205,7 @@ def read_image(image: Any) -> Image.Image:
         _check_size(*image.size)
         return _to_rgb(image)
     if not isinstance(image, (str, os.PathLike)):
-        raise gr.Error(f"Expected an image file, got {type(image).__name__}.")
+        raise user_error(f"Expected an image file, got {type(image).__name__}.")
     name = Path(image).name
     try:
         with warnings.catch_warnings():
@@ -204,15 +216,17 @@ def read_image(image: Any) -> Image.Image:
             _check_size(*opened.size)  # from the header, before any pixel is decoded
             opened.load()
             return _to_rgb(opened)
+    except gr.Error:  # a subclass of ValueError: let the size checks' messages through unchanged
+        raise
     except FileNotFoundError:
-        raise gr.Error(f"The uploaded file {name} is missing on the server; upload it again.") from None
+        raise user_error(f"The uploaded file {name} is missing on the server; upload it again.") from None
     except Image.DecompressionBombError:
-        raise gr.Error(
+        raise user_error(
             f"{name} declares more than {MAX_PIXELS // 1_000_000} megapixels and was refused (a possible "
             "decompression bomb); downscale it."
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise gr.Error(f"{name} is not a readable image (JPEG, PNG, ...): {error}") from None
+        raise user_error(f"{name} is not a readable image (JPEG, PNG, ...): {error}") from None
 
 
 def parse_metadata(model: LoadedModel, age: Any, sex: Any, site: Any) -> dict[str, Any]:
@@ -222,18 +236,18 @@ def parse_metadata(model: LoadedModel, age: Any, sex: Any, site: Any) -> dict[st
         try:
             value = float(age)
         except (TypeError, ValueError):
-            raise gr.Error(f"Age must be a number of years, got {age!r}.") from None
+            raise user_error(f"Age must be a number of years, got {age!r}.") from None
         if math.isnan(value):
             pass
         elif not 0 <= value <= MAX_AGE:
-            raise gr.Error(f"Age must lie between 0 and {MAX_AGE} years, got {value:g}.")
+            raise user_error(f"Age must lie between 0 and {MAX_AGE} years, got {value:g}.")
         else:
             record["age"] = value
     for name, value, choices in (("sex", sex, model.sex_choices), ("site", site, model.site_choices)):
         if value is None or str(value).strip().lower() in ("", UNKNOWN):
             continue
         if value not in choices:
-            raise gr.Error(f"Unknown {name} {value!r}; choose one of {choices}.")
+            raise user_error(f"Unknown {name} {value!r}; choose one of {choices}.")
         record[name] = value
     return record
 
@@ -254,6 +268,8 @@ def _format_focus(result: dict[str, Any]) -> str:
             value = focus[branch]
             shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
             lines.append(f"| {branch} branch | {shown} |")
+    if any(value is None or (isinstance(value, float) and math.isnan(value)) for value in focus.values()):
+        lines += ["", "n/a: that heatmap is all zero (no gradient reached the layer), so it has no mass to share."]
     if result.get("mask_empty"):
         lines += [
             "",
@@ -274,6 +290,14 @@ def _format_metadata(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _enlarged(image: Image.Image | None, side: int = DISPLAY_SIDE) -> Image.Image | None:
+    """The lesion image is as small as the model input (64 px for the tiny presets); enlarge it for display only."""
+    if image is None or max(image.size) >= side:
+        return image
+    scale = side / max(image.size)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+
+
 def predict(image: Any, age: Any = None, sex: Any = None, site: Any = None, source: str | None = None) -> tuple:
     """Analyse one image.
 
@@ -283,22 +307,22 @@ def predict(image: Any, age: Any = None, sex: Any = None, site: Any = None, sour
     """
     model = get_model(source)
     if not model.ok:
-        raise gr.Error(f"The model {model.source!r} could not be loaded, so nothing can be analysed. {model.error}")
+        raise user_error(f"The model {model.source!r} could not be loaded, so nothing can be analysed. {model.error}")
     rgb = read_image(image)
     record = parse_metadata(model, age, sex, site)
     try:
         result = model.pipeline(rgb, metadata=record)
     except ValueError as error:
-        raise gr.Error(f"The model could not analyse this image: {error}") from None
+        raise user_error(f"The model could not analyse this image: {error}") from None
     except Exception as error:  # keep the server up and tell the user; the traceback goes to the log
         logger.exception("Prediction failed")
-        raise gr.Error(f"The analysis failed ({type(error).__name__}: {error}).") from None
+        raise user_error(f"The analysis failed ({type(error).__name__}: {error}).") from None
     if result.get("mask_empty"):
         gr.Warning("The segmenter found no lesion in this image; the lesion branch used the whole image.")
     probabilities = {label: float(p) for label, p in result["probabilities"].items()}
     return (
         result["mask_overlay"],
-        result["lesion_image"],
+        _enlarged(result["lesion_image"]),
         result["heatmap_overlays"].get("image"),
         result["heatmap_overlays"].get("lesion"),
         probabilities,
@@ -310,6 +334,49 @@ def predict(image: Any, age: Any = None, sex: Any = None, site: Any = None, sour
 # --------------------------------------------------------------------------------------------------------------------
 # Page
 # --------------------------------------------------------------------------------------------------------------------
+_last_prune = 0.0
+_prune_lock = threading.Lock()
+
+
+def _prune_outputs(root: Path) -> None:
+    """Remove request folders older than `OUTPUT_MAX_AGE_S` (checked at most once a minute)."""
+    global _last_prune
+    with _prune_lock:
+        now = time.time()
+        if now - _last_prune < 60:
+            return
+        _last_prune = now
+    for folder in root.glob("request-*"):
+        try:
+            if now - folder.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:  # pruned by another thread
+            continue
+
+
+def output_files(images: tuple[Image.Image | None, ...]) -> list[str | None]:
+    """Each output image as a PNG in a folder of its own request.
+
+    gradio 6.31 writes PIL outputs to a content-addressed cache file with a plain, non-atomic write, so two requests
+    that produce the same image (two users on the same example) can be served each other's half-written file. Files
+    with unique paths are instead copied into that cache atomically (staged, then renamed). Our copies are removed
+    once they are `OUTPUT_MAX_AGE_S` old.
+    """
+    root = Path(tempfile.gettempdir()) / "skin_dualnet_space"
+    root.mkdir(parents=True, exist_ok=True)
+    _prune_outputs(root)
+    folder = Path(tempfile.mkdtemp(prefix="request-", dir=root))
+    paths: list[str | None] = []
+    for name, image in zip(OUTPUT_IMAGES, images):
+        if image is None:
+            paths.append(None)
+            continue
+        path = folder / f"{name}.png"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
 def examples() -> list[list[Any]]:
     """`[path, age, sex, site]` rows of the bundled CC0 examples (see `examples/ATTRIBUTION.md`)."""
     table = EXAMPLES_DIR / "examples.csv"
@@ -343,7 +410,8 @@ def build(source: str | None = None) -> gr.Blocks:
         # The event runs with `preprocess=False`: the upload arrives as gradio's file record (already checked to lie
         # in the upload folder) and is decoded only by `read_image`, whose size check precedes any pixel decoding.
         path = image.get("path") if isinstance(image, dict) else image
-        return predict(path, age, sex, site, source=model.source)
+        outputs = predict(path, age, sex, site, source=model.source)
+        return (*output_files(outputs[:4]), *outputs[4:])
 
     with gr.Blocks(title="skin-dualnet research demo") as demo:
         gr.Markdown("# skin-dualnet: lesion segmentation, classification and Grad-CAM")
@@ -378,7 +446,9 @@ def build(source: str | None = None) -> gr.Blocks:
                 metadata = gr.Markdown(elem_id="metadata")
         with gr.Row():
             mask_overlay = gr.Image(type="pil", label="Predicted lesion mask", elem_id="mask-overlay")
-            lesion_image = gr.Image(type="pil", label="Lesion image (second branch input)", elem_id="lesion-image")
+            lesion_image = gr.Image(
+                type="pil", label="Lesion image (second branch input, enlarged)", elem_id="lesion-image"
+            )
         with gr.Row():
             cam_image = gr.Image(type="pil", label="Grad-CAM: image branch", elem_id="cam-image")
             cam_lesion = gr.Image(type="pil", label="Grad-CAM: lesion branch", elem_id="cam-lesion")
