@@ -6,11 +6,15 @@ The folder holds everything a user needs with `transformers` alone:
 `modeling_skinlesion.py`, `image_processing_skinlesion.py`), `preprocessor_config.json` and a `README.md` model card
 (licence, training data, metrics, intended use, limitations, citation).
 
-    python scripts/push_to_hub.py --model_path runs/classifier/final --output_dir hub/skin-dualnet \
-        --datasets ham10000 isic2019 --metrics_file runs/classifier/eval/metrics.json
+    python scripts/push_to_hub.py --model-path runs/classifier --output-dir hub/skin-dualnet \
+        --metrics-file runs/classifier/eval/metrics.json
 
     # then, online, with a token (--token, $HF_TOKEN or `hf auth login`):
-    python scripts/push_to_hub.py ... --push --repo_id org/skin-dualnet
+    python scripts/push_to_hub.py ... --push --repo-id org/skin-dualnet
+
+The training sets (which decide the card's licence) and the scores come from the metrics.json a training or
+fine-tuning run saved next to its model, unless `--datasets` / `--metrics-file` name them. Options take dashes or
+underscores (`--model-path` = `--model_path`).
 
 Exit status: 0 on success; 1 for bad input or a refused upload (token, permissions); 2 when the Hub cannot be
 reached (offline mode or no network). The exported folder is left intact in every case, ready for a later upload.
@@ -168,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     try:
-        metrics_file = args.metrics_file or find_training_record(args.model_path)
+        record_file = find_training_record(args.model_path)
+        record = load_metrics(record_file) if record_file else {}
+        metrics_file = args.metrics_file or record_file
         metrics = load_metrics(metrics_file) if metrics_file else None
-        datasets = args.datasets or (training_datasets(metrics) if metrics else [])
+        datasets = args.datasets or training_datasets(metrics or {}) or training_datasets(record)
         if not datasets:
             raise ValueError(
                 "Name the training sets with --datasets (e.g. `--datasets ham10000 isic2019`): the card states them "
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         repo_id=args.repo_id,
         datasets=datasets,
         metrics=metrics,
-        base_model=args.base_model or (metrics or {}).get("base_model"),
+        base_model=args.base_model or (metrics or {}).get("base_model") or record.get("base_model"),
         license=args.license,
     )
     files = check_export(output_dir)

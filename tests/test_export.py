@@ -180,13 +180,32 @@ def test_exported_segmenter_loads_without_package(data_root, tmp_path):
     }
     (tmp_path / "final" / "metrics.json").write_text(json.dumps(training_record))
     output = tmp_path / "hub"
-    result = run_script("--model_path", str(tmp_path / "final"), "--output_dir", str(output))
+    result = run_script("--model-path", str(tmp_path / "final"), "--output-dir", str(output))
     assert result.returncode == 0, result.stderr
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "image-segmentation" and card.data.license == "cc-by-nc-4.0"
     assert card.data.datasets == ["ISIC-2017", "HAM10000"]
     assert "| dice | 0.8123 |" in card.text and "best epoch: 5" in card.text
     assert "metrics.json" not in {p.name for p in output.iterdir()}
+    # Scores from scripts/evaluate.py instead; the training sets still come from the training record.
+    evaluation = {"task": "segmentation", "dataset": "isic2017", "split": "all", "num_images": 12}
+    evaluation["metrics"] = {"dice": 0.7777, "jaccard": 0.6543, "num_images": 12}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    args = [
+        "--model-path",
+        str(tmp_path / "final"),
+        "--output-dir",
+        str(output),
+        "--metrics-file",
+        str(tmp_path / "eval.json"),
+    ]
+    assert run_script(*args).returncode == 0
+    card = ModelCard.load(output / "README.md")
+    assert card.data.datasets == ["ISIC-2017", "HAM10000"]
+    assert (
+        "| dice | 0.7777 |" in card.text and "Evaluated on dataset: isic2017; split: all; num_images: 12." in card.text
+    )
+    assert "| num_images |" not in card.text
     pixel_values = sl.SkinLesionImageProcessor.from_model_config(config)(Image.open(real_image(data_root)))[
         "pixel_values"
     ]
