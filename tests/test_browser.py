@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
-from test_space import EXAMPLE, SPACE, export_tiny_model, import_script  # noqa: E402
+from test_space import EXAMPLE, LABELS, SPACE, export_tiny_model, import_script  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 try:
@@ -32,7 +32,6 @@ if sync_api is None or not os.path.exists(CHROMIUM):
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-LABELS = {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
 TIMEOUT_MS = 60_000  # model loading and the first inference on 2 busy cores
 sync_api.expect.set_options(timeout=TIMEOUT_MS)
 

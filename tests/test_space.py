@@ -22,6 +22,7 @@ from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE = REPO_ROOT / "space"
 EXAMPLE = SPACE / "examples" / "ISIC_0000000.jpg"
+LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 OUTPUTS = ("mask_overlay", "lesion_image", "cam_image", "cam_lesion", "probabilities", "focus", "metadata")
 
 
@@ -110,7 +111,7 @@ def test_model_loads_once_with_its_vocabularies_and_training_data(app, tiny_mode
     model = app.get_model(tiny_model)
     assert model.ok, model.error
     assert app.get_model(tiny_model) is model  # loaded once, then reused
-    assert model.labels == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert model.labels == LABELS
     assert model.site_choices[0] == "unknown" and "posterior torso" in model.site_choices
     assert "HAM10000" in model.training_data and "randomly initialised tiny model" in model.training_data
 
@@ -195,6 +196,30 @@ def test_examples_exist_and_use_the_model_vocabulary(app, tiny_model):
             assert max(image.size) <= 512
         assert 0 <= age <= 120 and sex in model.sex_choices and site in model.site_choices
     assert "CC0" in (SPACE / "examples" / "ATTRIBUTION.md").read_text()
+
+
+@pytest.mark.slow
+def test_space_runs_the_export_through_remote_code_only(tiny_model, tmp_path):
+    """As on a Space: the package is not installed, so the pipeline and the model come from the model folder."""
+    from isolation import run_isolated
+
+    output = run_isolated(
+        f"""
+        import sys
+        sys.path.insert(0, {str(SPACE)!r})
+        import app
+        model = app.get_model({tiny_model!r})
+        assert model.ok, model.error
+        outputs = app.predict({str(EXAMPLE)!r}, 70, "male", "head/neck")
+        print(type(model.pipeline).__module__)
+        print(max(outputs[4], key=outputs[4].get))
+        """,
+        cwd=tmp_path,
+        env={"GRADIO_ANALYTICS_ENABLED": "False", "SKIN_DUALNET_MODEL": tiny_model},
+    )
+    module, label = output.split()[-2:]
+    assert module.startswith("transformers_modules.") and module.endswith("pipeline_skinlesion")
+    assert label in LABELS
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""The README's main command (`scripts/demo.py`, run by `bash scripts/run.sh demo`) and its bundled sample: the sample
+keeps the official HAM10000 layout and is reproducible; a short demo run trains, exports a folder the Space loads,
+records its validation numbers, is reused on the next run, and launches a working server."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO = REPO_ROOT / "scripts" / "demo.py"
+SAMPLE = REPO_ROOT / "scripts" / "demo_data" / "ham10000-sample"
+OFFICIAL_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
+CLASSES = {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+
+
+def sample_rows() -> list[dict[str, str]]:
+    with (SAMPLE / "HAM10000_metadata.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The bundled sample
+# --------------------------------------------------------------------------------------------------------------------
+def test_bundled_sample_has_the_official_layout():
+    with (SAMPLE / "HAM10000_metadata.csv").open(newline="") as handle:
+        assert next(csv.reader(handle)) == OFFICIAL_COLUMNS
+    rows = sample_rows()
+    assert 250 <= len(rows) <= 350
+    assert {row["dx"] for row in rows} == CLASSES
+    images = sorted(p.stem for p in (SAMPLE / "images").glob("ISIC_*.jpg"))
+    masks = sorted(p.name.removesuffix("_segmentation.png") for p in (SAMPLE / "masks").glob("*_segmentation.png"))
+    assert images == masks == sorted(row["image_id"] for row in rows)
+    for image_id in images[:20]:
+        with Image.open(SAMPLE / "images" / f"{image_id}.jpg") as image:
+            assert image.size == (200, 150) and image.mode == "RGB"
+        with Image.open(SAMPLE / "masks" / f"{image_id}_segmentation.png") as mask:
+            assert mask.size == (200, 150) and set(mask.convert("L").getdata()) <= {0, 255}
+    size = sum(path.stat().st_size for path in SAMPLE.rglob("*") if path.is_file())
+    assert size < 6 * 1024 * 1024
+    attribution = (SAMPLE / "ATTRIBUTION.md").read_text() + (SAMPLE / "LICENSE").read_text()
+    for required in ("CC BY-NC 4.0", "10.7910/DVN/DBW86T", "Tschandl", "180161", "Non-commercial"):
+        assert required.lower() in attribution.lower(), required
+
+
+def test_bundled_sample_loads_with_the_project_loader():
+    from modeling_skinlesion.data import load_ham10000
+
+    dataset = load_ham10000(SAMPLE, masks=True)
+    assert len(dataset) == len(sample_rows())
+
+
+def test_bundled_sample_is_reproducible_and_holds_whole_lesions(data_root, tmp_path):
+    out = tmp_path / "sample"
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "make_demo_sample.py"), "--source", str(data_root / "ham10000"),
+         "--out", str(out)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert (out / "HAM10000_metadata.csv").read_text() == (SAMPLE / "HAM10000_metadata.csv").read_text()
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (SAMPLE / "images").iterdir())
+    with (data_root / "ham10000" / "HAM10000_metadata.csv").open(newline="") as handle:
+        source = list(csv.DictReader(handle))
+    chosen = {row["lesion_id"] for row in sample_rows()}
+    expected = sorted(row["image_id"] for row in source if row["lesion_id"] in chosen)
+    assert expected == sorted(row["image_id"] for row in sample_rows())  # every image of every chosen lesion
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A short demo run
+# --------------------------------------------------------------------------------------------------------------------
+def run_demo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.run(
+        [sys.executable, str(DEMO), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output = tmp_path_factory.mktemp("demo") / "demo-model"
+    result = run_demo("--output-dir", str(output), "--max-steps", "2", "--no-launch")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output, result
+
+
+@pytest.mark.slow
+def test_demo_trains_and_exports_a_complete_folder_with_its_validation_numbers(demo_export):
+    output, result = demo_export
+    assert output.with_name("demo-model-runs").is_dir()  # the training runs, beside the export
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "demo_run.json"):
+        assert (output / name).is_file(), name
+    config = json.loads((output / "config.json").read_text())
+    assert "skin-lesion-analysis" in config["custom_pipelines"] and "AutoModel" in config["auto_map"]
+    record = json.loads((output / "demo_run.json").read_text())
+    assert record["demo"] is True and record["num_images"] == len(sample_rows())
+    assert 0.0 <= record["segmenter"]["validation"]["dice"] <= 1.0
+    assert 0.0 <= record["classifier"]["validation"]["balanced_accuracy"] <= 1.0
+    assert record["segmenter"]["steps"] == record["classifier"]["steps"] == 2
+    assert record["classifier"]["split"]["validation"]["images"] > 0
+    card = (output / "README.md").read_text()
+    assert "DEMO WEIGHTS" in card and "not a usable model" in card
+    assert "Segmenter validation Dice" in card and "balanced_accuracy" in card
+    assert "license: cc-by-nc-4.0" in card
+    assert "Demo model ready" in result.stdout and "dice" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_export_serves_the_space(demo_export):
+    sys.path.insert(0, str(REPO_ROOT / "space"))
+    import app
+
+    output, _ = demo_export
+    model = app.get_model(str(output))
+    assert model.ok, model.error
+    assert "DEMO WEIGHTS" in model.training_data and "HAM10000" in model.training_data
+    outputs = app.predict(str(REPO_ROOT / "space" / "examples" / "ISIC_0000002.jpg"), 60, "female", "upper extremity",
+                          source=str(output))  # fmt: skip
+    assert set(outputs[4]) == CLASSES
+
+
+@pytest.mark.slow
+def test_demo_reuses_a_complete_export_and_checks_a_given_model(demo_export, tmp_path):
+    output, _ = demo_export
+    stamp = (output / "model.safetensors").stat().st_mtime_ns
+    again = run_demo("--output-dir", str(output), "--no-launch", timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Reusing the demo weights" in again.stdout and "train_segmenter.py" not in again.stdout
+    assert (output / "model.safetensors").stat().st_mtime_ns == stamp
+    given = run_demo(str(output), "--no-launch", timeout=300)
+    assert given.returncode == 0 and "loads" in given.stdout, given.stdout[-2000:] + given.stderr[-2000:]
+    (tmp_path / "config.json").write_text("{")
+    broken = run_demo(str(tmp_path), "--no-launch", timeout=300)
+    assert broken.returncode == 1 and "cannot be loaded" in broken.stdout
+
+
+@pytest.mark.slow
+def test_demo_launches_the_space_and_says_these_are_demo_weights(demo_export, tmp_path):
+    from gradio_client import Client, handle_file
+
+    output, _ = demo_export
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "demo.log").open("w+")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(
+        [sys.executable, str(DEMO), "--output-dir", str(output), "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert process.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the Space did not start within 180 s"
+                time.sleep(1)
+        example = REPO_ROOT / "space" / "examples" / "ISIC_0000000.jpg"
+        result = Client(url, verbose=False).predict(handle_file(str(example)), 55, "female", "anterior torso",
+                                                    api_name="/predict")  # fmt: skip
+        assert result[4]["label"] in CLASSES
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+    printed = (tmp_path / "demo.log").read_text()
+    assert "THESE ARE DEMO WEIGHTS" in printed and "NOT a usable model" in printed
+    assert f"http://127.0.0.1:{port}" in printed
