@@ -452,6 +452,15 @@ def load_best(accelerator: Accelerator, model: torch.nn.Module, directory: Path)
 # --------------------------------------------------------------------------------------------------------------------
 # Gathered predictions and metrics
 # --------------------------------------------------------------------------------------------------------------------
+def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Copy the main process's buffers (BatchNorm running statistics) to the others. DDP only does this at the start
+    of each training forward, so after an epoch every process holds the statistics of its own last batch; evaluation
+    must use the model the main process saves."""
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 def gather_by_index(accelerator: Accelerator, indices: list[torch.Tensor], *values: list[torch.Tensor]):
     """Gather per-process predictions keyed by dataset row index, drop the duplicates that even batching adds and
     sort by index. Returns numpy arrays `(indices, *values)` identical on every process."""

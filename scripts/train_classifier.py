@@ -80,6 +80,7 @@ def lesion_masks(model, batch: dict, use_ground_truth: bool, accelerator: Accele
 @torch.no_grad()
 def evaluate_classifier(model, dataloader, accelerator: Accelerator, use_ground_truth: bool) -> dict:
     """Validation scores over the whole (sharded) dataloader, gathered across processes, each image once."""
+    T.broadcast_buffers(accelerator, model)
     model = accelerator.unwrap_model(model)  # no DDP collectives inside forward: processes may have empty batches
     model.eval()
     indices, probabilities, labels = [], [], []

@@ -43,6 +43,7 @@ class SegmenterArguments(T.TrainingArguments):
 def evaluate_segmenter(model, dataloader, accelerator: Accelerator) -> dict[str, float]:
     """Validation Dice & co. over the whole (sharded) dataloader, gathered across processes, each image once.
     Masks are compared at the model's input size, thresholded at the config's `mask_threshold`."""
+    T.broadcast_buffers(accelerator, model)
     model = accelerator.unwrap_model(model)  # no DDP collectives inside forward: processes may have empty batches
     model.eval()
     threshold = model.config.mask_threshold
