@@ -13,9 +13,9 @@ probabilities (`predictions_<name>.csv`) and, in `results.json`/`results.md`: ac
 AUC, ECE (the shipped `lesion_classification` metric), the mean per-branch Grad-CAM lesion focus on the first
 `--focus-samples` test images (share of heatmap mass inside the ground-truth HAM10000 mask; the lesion branch's
 heatmap is put back into its crop box; a uniform heatmap would score the lesion's share of the image), and
-lesion-clustered bootstrap 95 % intervals of the differences in balanced accuracy between variants. It also picks
-the variant to export (best validation balanced accuracy in its training run) and writes `card_metrics.json` for
-`scripts/push_to_hub.py --metrics-file`.
+lesion-clustered bootstrap 95 % intervals of the differences in balanced accuracy and macro AUC between variants.
+It also picks the variant to export (best validation balanced accuracy in its training run) and writes
+`card_metrics.json` for `scripts/push_to_hub.py --metrics-file`.
 """
 
 import argparse
@@ -99,37 +99,57 @@ def predict(model, dataloader, drop_metadata: bool, focus_limit: int, scripts) -
     }
 
 
-def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
-    classes = np.unique(labels)
-    return float(np.mean([(predicted[labels == k] == k).mean() for k in classes]))
+def balanced_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    predicted = probabilities.argmax(1)
+    return float(np.mean([(predicted[labels == k] == k).mean() for k in np.unique(labels)]))
+
+
+def macro_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """One-vs-rest AUC (Mann-Whitney ranks) averaged over the classes present with positives and negatives."""
+    aucs = []
+    for k in np.unique(labels):
+        positive = labels == k
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = np.empty(len(labels))
+        ranks[np.argsort(probabilities[:, k], kind="stable")] = np.arange(1, len(labels) + 1)
+        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs))
+
+
+BOOTSTRAPPED = {"balanced_accuracy": balanced_accuracy, "macro_auc": macro_auc}
 
 
 def bootstrap_differences(
-    predictions: dict[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, resamples: int, seed: int
-) -> dict[str, dict[str, float]]:
-    """Balanced-accuracy differences with 95 % intervals from resampling whole lesions (their images together)."""
+    probabilities: dict[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, resamples: int, seed: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Differences in balanced accuracy and macro AUC between variants, with 95 % intervals from resampling whole
+    lesions (all their images together), paired across variants."""
     rng = np.random.default_rng(seed)
     unique, group_index = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(group_index == g) for g in range(len(unique))]
-    draws = {key: [] for key in predictions}
+    draws = {(metric, key): [] for metric in BOOTSTRAPPED for key in probabilities}
     for _ in range(resamples):
         chosen = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        for key, predicted in predictions.items():
-            draws[key].append(balanced_accuracy(predicted[chosen], labels[chosen]))
-    draws = {key: np.array(values) for key, values in draws.items()}
-    result = {}
-    for first, second, meaning in COMPARISONS:
-        if first in predictions and second in predictions:
-            difference = draws[first] - draws[second]
-            observed = balanced_accuracy(predictions[first], labels) - balanced_accuracy(predictions[second], labels)
-            low, high = np.percentile(difference, [2.5, 97.5])
-            result[f"{first}-{second}"] = {
-                "meaning": meaning,
-                "difference": observed,
-                "ci95_low": float(low),
-                "ci95_high": float(high),
-                "share_of_resamples_above_zero": float((difference > 0).mean()),
-            }
+        for metric, function in BOOTSTRAPPED.items():
+            for key, values in probabilities.items():
+                draws[metric, key].append(function(values[chosen], labels[chosen]))
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for metric, function in BOOTSTRAPPED.items():
+        result[metric] = {}
+        for first, second, meaning in COMPARISONS:
+            if first in probabilities and second in probabilities:
+                difference = np.array(draws[metric, first]) - np.array(draws[metric, second])
+                observed = function(probabilities[first], labels) - function(probabilities[second], labels)
+                low, high = np.percentile(difference, [2.5, 97.5])
+                result[metric][f"{first}-{second}"] = {
+                    "meaning": meaning,
+                    "difference": observed,
+                    "ci95_low": float(low),
+                    "ci95_high": float(high),
+                    "share_of_resamples_above_zero": float((difference > 0).mean()),
+                }
     return result
 
 
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [(name, folder, False) for name, folder in models.items()]
     runs += [(new, models[base], True) for new, base in ablations.items()]
     labels = groups = None
-    hard_predictions = {}
+    test_probabilities = {}
     for name, folder, drop_metadata in runs:
         start = time.perf_counter()
         model, processor = scripts.load_model(folder, torch.device("cpu"))
@@ -214,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif not np.array_equal(labels, variant_labels):
             raise ValueError(f"Variant {name} saw the test images in another order.")
         metrics = scripts.classification_metrics(predicted["probabilities"], variant_labels, names)
-        hard_predictions[name] = predicted["probabilities"].argmax(1)
+        test_probabilities[name] = predicted["probabilities"]
         config = model.config
         descriptions[name] = (
             ("dual encoder" if config.use_lesion_branch else "single encoder")
@@ -237,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logger.info(f"({name}) {descriptions[name]}: " + T.format_metrics(metrics, SCORES) + f" | {rows[name]}")
         del model
 
-    differences = bootstrap_differences(hard_predictions, labels, groups, args.bootstrap, args.seed)
+    differences = bootstrap_differences(test_probabilities, labels, groups, args.bootstrap, args.seed)
 
     # The model to export: the best validation balanced accuracy of its own training run (never the test score) ----
     validation = {
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "focus_masks": "ground-truth HAM10000 masks",
         "variants": rows,
         "descriptions": descriptions,
-        "balanced_accuracy_differences": differences,
+        "differences": differences,
         "validation_balanced_accuracy": validation,
         "export": {"variant": export, "model": models[export], "card_metrics": str(output_dir / "card_metrics.json")},
     }
@@ -275,14 +295,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [
         markdown_table(rows, descriptions),
         "",
-        "| difference in balanced acc. | value | 95 % CI (lesion bootstrap) |",
+        "| difference | balanced acc. [95 % CI] | macro AUC [95 % CI] |",
+        "| --- | --- | --- |",
     ]
-    lines.append("| --- | --- | --- |")
-    for key, value in differences.items():
-        lines.append(
-            f"| {key} ({value['meaning']}) | {value['difference']:+.3f} | "
-            f"[{value['ci95_low']:+.3f}, {value['ci95_high']:+.3f}] |"
-        )
+    for key, value in differences["balanced_accuracy"].items():
+        cells = [
+            f"{d[key]['difference']:+.3f} [{d[key]['ci95_low']:+.3f}, {d[key]['ci95_high']:+.3f}]"
+            for d in (differences["balanced_accuracy"], differences["macro_auc"])
+        ]
+        lines.append(f"| {key} ({value['meaning']}) | " + " | ".join(cells) + " |")
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
     logger.info("\n" + "\n".join(lines))
     return result
