@@ -12,7 +12,8 @@ from each classifier's own segmenter (as at inference). For each variant the scr
 probabilities (`predictions_<name>.csv`) and, in `results.json`/`results.md`: accuracy, balanced accuracy, macro
 AUC, ECE (the shipped `lesion_classification` metric), the mean per-branch Grad-CAM lesion focus on the first
 `--focus-samples` test images (share of heatmap mass inside the ground-truth HAM10000 mask; the lesion branch's
-heatmap is put back into its crop box; a uniform heatmap would score the lesion's share of the image), and
+heatmap is put back into its crop box; a uniform heatmap would score the lesion's share of the image), a
+prior-adjusted balanced accuracy (argmax of the probabilities divided by the training run's class frequencies), and
 lesion-clustered bootstrap 95 % intervals of the differences in balanced accuracy and macro AUC between variants.
 It also picks the variant to export (best validation balanced accuracy in its training run) and writes
 `card_metrics.json` for `scripts/push_to_hub.py --metrics-file`.
@@ -118,30 +119,37 @@ def macro_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(aucs))
 
 
-BOOTSTRAPPED = {"balanced_accuracy": balanced_accuracy, "macro_auc": macro_auc}
+BOOTSTRAPPED = {
+    "balanced_accuracy": (balanced_accuracy, "raw"),
+    "balanced_accuracy_prior_adjusted": (balanced_accuracy, "adjusted"),
+    "macro_auc": (macro_auc, "raw"),
+}
 
 
 def bootstrap_differences(
-    probabilities: dict[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, resamples: int, seed: int
+    probabilities: dict[str, dict[str, np.ndarray]], labels: np.ndarray, groups: np.ndarray, resamples: int, seed: int
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Differences in balanced accuracy and macro AUC between variants, with 95 % intervals from resampling whole
-    lesions (all their images together), paired across variants."""
+    """Differences in balanced accuracy (raw and prior-adjusted) and macro AUC between variants, with 95 % intervals
+    from resampling whole lesions (all their images together), paired across variants. `probabilities` maps "raw" and
+    "adjusted" to `{variant: (n, num_labels) array}`."""
     rng = np.random.default_rng(seed)
     unique, group_index = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(group_index == g) for g in range(len(unique))]
-    draws = {(metric, key): [] for metric in BOOTSTRAPPED for key in probabilities}
+    variants = list(probabilities["raw"])
+    draws = {(metric, key): [] for metric in BOOTSTRAPPED for key in variants}
     for _ in range(resamples):
         chosen = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        for metric, function in BOOTSTRAPPED.items():
-            for key, values in probabilities.items():
-                draws[metric, key].append(function(values[chosen], labels[chosen]))
+        for metric, (function, kind) in BOOTSTRAPPED.items():
+            for key in variants:
+                draws[metric, key].append(function(probabilities[kind][key][chosen], labels[chosen]))
     result: dict[str, dict[str, dict[str, float]]] = {}
-    for metric, function in BOOTSTRAPPED.items():
+    for metric, (function, kind) in BOOTSTRAPPED.items():
         result[metric] = {}
+        chosen_set = probabilities[kind]
         for first, second, meaning in COMPARISONS:
-            if first in probabilities and second in probabilities:
+            if first in chosen_set and second in chosen_set:
                 difference = np.array(draws[metric, first]) - np.array(draws[metric, second])
-                observed = function(probabilities[first], labels) - function(probabilities[second], labels)
+                observed = function(chosen_set[first], labels) - function(chosen_set[second], labels)
                 low, high = np.percentile(difference, [2.5, 97.5])
                 result[metric][f"{first}-{second}"] = {
                     "meaning": meaning,
@@ -155,13 +163,13 @@ def bootstrap_differences(
 
 def markdown_table(rows: dict[str, dict[str, Any]], descriptions: dict[str, str]) -> str:
     lines = [
-        "| variant | accuracy | balanced acc. | macro AUC | ECE | lesion focus: image branch | lesion branch "
-        "| uniform heatmap (lesion share of image) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | accuracy | balanced acc. | macro AUC | ECE | balanced acc. (prior-adjusted) "
+        "| lesion focus: image branch | lesion branch | uniform heatmap (lesion share of image) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         focus = row["lesion_focus"]
-        cells = [f"{row['metrics'][key]:.3f}" for key in SCORES]
+        cells = [f"{row['metrics'][key]:.3f}" for key in (*SCORES, "balanced_accuracy_prior_adjusted")]
         cells += [f"{focus[b]:.3f}" if focus.get(b) is not None else "–" for b in ("image", "lesion", "chance")]
         lines.append(f"| ({name}) {descriptions[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [(name, folder, False) for name, folder in models.items()]
     runs += [(new, models[base], True) for new, base in ablations.items()]
     labels = groups = None
-    test_probabilities = {}
+    test_probabilities: dict[str, dict[str, np.ndarray]] = {"raw": {}, "adjusted": {}}
     for name, folder, drop_metadata in runs:
         start = time.perf_counter()
         model, processor = scripts.load_model(folder, torch.device("cpu"))
@@ -234,7 +242,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif not np.array_equal(labels, variant_labels):
             raise ValueError(f"Variant {name} saw the test images in another order.")
         metrics = scripts.classification_metrics(predicted["probabilities"], variant_labels, names)
-        test_probabilities[name] = predicted["probabilities"]
+        # Prior-adjusted decision (logit adjustment): divide by the training run's class frequencies, so that a model
+        # whose argmax collapses onto the majority class still shows what its scores separate.
+        counts = json.loads((Path(folder) / "metrics.json").read_text())["split"]["train"]["class_counts"]
+        prior = np.array([counts.get(label, 0) for label in names], dtype=float) + 1.0
+        adjusted = predicted["probabilities"] / (prior / prior.sum())
+        adjusted /= adjusted.sum(1, keepdims=True)
+        test_probabilities["raw"][name] = predicted["probabilities"]
+        test_probabilities["adjusted"][name] = adjusted
+        metrics["balanced_accuracy_prior_adjusted"] = balanced_accuracy(adjusted, variant_labels)
         config = model.config
         descriptions[name] = (
             ("dual encoder" if config.use_lesion_branch else "single encoder")
@@ -244,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[name] = {
             "model": folder,
             "metadata_withheld": drop_metadata,
-            "metrics": {key: metrics[key] for key in (*SCORES, "per_class_sensitivity", "num_samples")},
+            "metrics": {
+                key: metrics[key]
+                for key in (*SCORES, "balanced_accuracy_prior_adjusted", "per_class_sensitivity", "num_samples")
+            },
             "lesion_focus": {b: float(np.nanmean(v)) for b, v in predicted["lesion_focus"].items()},
             "lesion_focus_images": {b: len(v) for b, v in predicted["lesion_focus"].items()},
             "wall_time_s": time.perf_counter() - start,
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_samples": int(len(labels)),
         "model": models[export],
         "metrics": {
-            **{key: rows[export]["metrics"][key] for key in SCORES},
+            **{key: rows[export]["metrics"][key] for key in (*SCORES, "balanced_accuracy_prior_adjusted")},
             "per_class_sensitivity": rows[export]["metrics"]["per_class_sensitivity"],
             "lesion_focus": rows[export]["lesion_focus"],
             "ablation_balanced_accuracy": {
@@ -295,13 +314,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [
         markdown_table(rows, descriptions),
         "",
-        "| difference | balanced acc. [95 % CI] | macro AUC [95 % CI] |",
-        "| --- | --- | --- |",
+        "| difference | balanced acc. [95 % CI] | prior-adjusted balanced acc. [95 % CI] | macro AUC [95 % CI] |",
+        "| --- | --- | --- | --- |",
     ]
     for key, value in differences["balanced_accuracy"].items():
         cells = [
             f"{d[key]['difference']:+.3f} [{d[key]['ci95_low']:+.3f}, {d[key]['ci95_high']:+.3f}]"
-            for d in (differences["balanced_accuracy"], differences["macro_auc"])
+            for d in (
+                differences["balanced_accuracy"],
+                differences["balanced_accuracy_prior_adjusted"],
+                differences["macro_auc"],
+            )
         ]
         lines.append(f"| {key} ({value['meaning']}) | " + " | ".join(cells) + " |")
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
