@@ -121,10 +121,14 @@ def _argparse_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return annotation, {}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, the script's docstring (with its example commands) kept as written."""
+
+
 def parse_arguments(cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
     """Build an argparse parser from a dataclass (help texts from field metadata) and parse `argv`.
     Fields `snake_case` become `--snake-case`; list fields are repeatable and take several values."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     for item in dataclasses.fields(cls):
         flag = "--" + item.name.replace("_", "-")
         help_text = item.metadata.get("help", "")

@@ -10,6 +10,8 @@ segmenter's predicted masks for the others; validation uses the segmenter's mask
 `--eval-masks ground_truth`. `--segmenter PATH` puts a trained segmenter inside the classifier, so the saved folder
 is the whole system. Each epoch is scored by the shipped `lesion_classification` metric; the epoch with the best
 balanced accuracy is kept and saved with its image processor, next to metrics.json, splits.json and a model card.
+Multi-GPU, multi-node and CPU multi-process launches are as for train_segmenter.py (`accelerate launch --multi_gpu
+...` or `torchrun --nproc_per_node N ...`).
 """
 
 import sys
@@ -106,7 +108,7 @@ def evaluate_classifier(model, dataloader, accelerator: Accelerator, use_ground_
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = T.parse_arguments(ClassifierArguments, argv, description=__doc__.split("\n")[0])
+    args = T.parse_arguments(ClassifierArguments, argv, description=__doc__)
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     timer = T.Timer()
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         if [model.config.id2label[i] for i in range(model.config.num_labels)] != names:
             raise ValueError(
                 f"The model at {args.config} predicts {list(model.config.id2label.values())} but the data has the "
-                f"labels {names}; fine-tune a new head for a different label set (see the README)."
+                f"labels {names}; use scripts/finetune.py for a different label set (a new head)."
             )
         model.config.class_weights = weights
         if segmenter is not None:

@@ -6,7 +6,14 @@
         --dataset isic2017 --data-root ../shared/data/isic2017 \
         --output-dir runs/segmenter --epochs 30 --batch-size 16 --mixed-precision bf16
 
-Plain `python scripts/train_segmenter.py ...` runs on one device. Each epoch ends with a validation pass scored by
+Plain `python scripts/train_segmenter.py ...` runs on one device. Several processes (data parallel; --batch-size
+is per process):
+
+    accelerate launch --multi_gpu --num_processes 4 scripts/train_segmenter.py ...        # 4 GPUs
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --num_processes 16 \
+        --main_process_ip HOST0 --main_process_port 29500 scripts/train_segmenter.py ...  # 2 nodes x 8 GPUs
+    torchrun --nproc_per_node 2 scripts/train_segmenter.py ...                            # 2 CPU processes (gloo)
+ Each epoch ends with a validation pass scored by
 the shipped `lesion_segmentation` metric (Dice, Jaccard, ...); the epoch with the best Dice is kept and saved with
 its image processor in --output-dir, next to metrics.json, splits.json and a model card. `--resume latest` continues
 an interrupted run from its newest checkpoint.
@@ -63,7 +70,7 @@ def evaluate_segmenter(model, dataloader, accelerator: Accelerator) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = T.parse_arguments(SegmenterArguments, argv, description=__doc__.split("\n")[0])
+    args = T.parse_arguments(SegmenterArguments, argv, description=__doc__)
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     timer = T.Timer()
