@@ -22,6 +22,7 @@ from .modeling_skinlesion import (
     SkinLesionSegmenterOutput,
     build_lesion_image,
 )
+from .pipeline_skinlesion import SkinLesionAnalysisPipeline, SkinLesionAnalyzer, register_pipeline, save_for_hub
 
 AutoConfig.register(SkinLesionSegmenterConfig.model_type, SkinLesionSegmenterConfig, exist_ok=True)
 AutoConfig.register(SkinDualNetConfig.model_type, SkinDualNetConfig, exist_ok=True)
@@ -41,6 +42,7 @@ SkinDualNetConfig.register_for_auto_class()
 SkinLesionSegmenter.register_for_auto_class("AutoModel")
 SkinDualNet.register_for_auto_class("AutoModel")
 SkinLesionImageProcessor.register_for_auto_class("AutoImageProcessor")
+register_pipeline()  # the "skin-lesion-analysis" task
 
 __all__ = [
     "SkinLesionSegmenterConfig",
@@ -52,4 +54,7 @@ __all__ = [
     "SkinLesionImageProcessor",
     "SkinLesionMetadataProcessor",
     "build_lesion_image",
+    "SkinLesionAnalyzer",
+    "SkinLesionAnalysisPipeline",
+    "save_for_hub",
 ]
