@@ -1,0 +1,255 @@
+"""Analyse dermoscopic images with a skin-dualnet checkpoint: lesion mask, class probabilities, Grad-CAM heatmaps of
+both encoders and their lesion-focus scores.
+
+    python scripts/predict.py IMAGE_OR_FOLDER --model MODEL --out DIR [--age A] [--sex S] [--site SITE]
+        [--metadata-csv FILE] [--batch-size N] [--method gradcam] [--backend auto] [--target-class NAME]
+
+For each image it writes `DIR/<image stem>/`:
+- `result.json`: `probabilities` (label -> probability), `predicted_label`, `score`, `target_label` (the class the
+  heatmaps explain), `lesion_focus` (per branch: share of the heatmap inside the lesion mask; null for an all-zero
+  heatmap), `mask_empty` (the segmenter found no lesion and the lesion branch saw the whole image), `mask_fraction`,
+  `lesion_box`, `metadata_used` / `metadata_missing` / `metadata_ignored`, and the files written;
+- `mask.png` (the lesion mask), `mask_overlay.png`, `lesion_image.png` (what the lesion branch saw) and
+  `heatmap_image.png` / `heatmap_lesion.png` (Grad-CAM overlays of the two branches).
+
+A folder is read (not recursively) in batches with a progress bar; a file that cannot be read as an image is reported
+by name and skipped. The exit code is 0 when at least one image was analysed, 1 when none could be, 2 for bad
+arguments or a model that cannot be loaded. Research use only: this is not a medical device.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from modeling_skinlesion.explain import FAST_CAM_METHODS, LIBRARY_CAM_METHODS
+from modeling_skinlesion.explaining_skinlesion import resolve_target_classes
+from modeling_skinlesion.image_processing_skinlesion import load_image
+from modeling_skinlesion.pipeline_skinlesion import SkinLesionAnalyzer
+
+logger = logging.getLogger("predict")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+CSV_ID_COLUMNS = ("image_id", "image", "isic_id", "file", "filename")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Segment, classify and explain dermoscopic images with a skin-dualnet checkpoint.",
+        epilog="Research use only: not a medical device.",
+    )
+    parser.add_argument("input", type=Path, help="An image file, or a folder of images (not searched recursively).")
+    parser.add_argument("--model", required=True, help="A skin-dualnet classifier folder or Hub id.")
+    parser.add_argument("--out", required=True, type=Path, help="Output folder; one sub-folder per image.")
+    parser.add_argument("--age", type=float, help="Patient age in years (applies to every image).")
+    parser.add_argument("--sex", help="Patient sex: male / female (applies to every image).")
+    parser.add_argument("--site", help="Anatomical site, e.g. 'back', 'anterior torso' (applies to every image).")
+    parser.add_argument(
+        "--metadata-csv",
+        type=Path,
+        help=f"Per-image metadata: a CSV with an image id column ({', '.join(CSV_ID_COLUMNS)}; matched to the file "
+        "stem) and age / age_approx, sex, and anatom_site_general / localization / site. --age/--sex/--site fill "
+        "what a row lacks.",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default 8).")
+    methods = sorted(set(FAST_CAM_METHODS) | set(LIBRARY_CAM_METHODS))
+    parser.add_argument("--method", default="gradcam", choices=methods, help="CAM method (default gradcam).")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "fast", "library"],
+        help="'fast': one forward, gradients to the hooked layers only; 'library': pytorch-grad-cam per branch; "
+        "'auto' (default): fast when it has the method.",
+    )
+    parser.add_argument("--target-class", help="Explain this class (label name or index), not the predicted one.")
+    parser.add_argument("--no-explain", action="store_true", help="Skip Grad-CAM (mask and probabilities only).")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's, cpu).")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}.")
+    if args.backend == "fast" and args.method not in FAST_CAM_METHODS:
+        parser.error(f"--backend fast offers {list(FAST_CAM_METHODS)}, not {args.method!r}; use --backend library.")
+    if not args.input.exists():
+        parser.error(f"{args.input} does not exist.")
+    if args.metadata_csv is not None and not args.metadata_csv.is_file():
+        parser.error(f"--metadata-csv {args.metadata_csv} is not a file.")
+    return args
+
+
+def collect_images(path: Path) -> tuple[list[Path], list[Path]]:
+    """The image files to analyse (sorted), and the folder entries skipped for not having an image suffix."""
+    if path.is_file():
+        return [path], []
+    entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def read_metadata_csv(path: Path) -> dict[str, dict[str, str]]:
+    """Rows of a metadata CSV keyed by image id (file stem)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        id_column = next((c for c in CSV_ID_COLUMNS if c in columns), None)
+        if id_column is None:
+            raise ValueError(f"{path} has no image id column; expected one of {list(CSV_ID_COLUMNS)}, got {columns}.")
+        return {Path(row[id_column]).stem: row for row in reader if row.get(id_column)}
+
+
+def metadata_record(args: argparse.Namespace, row: dict[str, str] | None) -> dict[str, Any] | None:
+    """The CSV row (if any) completed by --age/--sex/--site, or None when nothing is known."""
+    record: dict[str, Any] = dict(row or {})
+    for key, value, aliases in (
+        ("age", args.age, ("age", "age_approx")),
+        ("sex", args.sex, ("sex",)),
+        ("site", args.site, ("site", "anatom_site_general", "anatom_site_general_challenge", "localization")),
+    ):
+        if value is not None and not any(str(record.get(alias) or "").strip() for alias in aliases):
+            for alias in aliases:
+                record.pop(alias, None)
+            record[key] = value
+    return record or None
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """One output folder name per file: its stem, made unique when two files share it (a.jpg, a.png)."""
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in files:
+        name = path.stem
+        if name in taken:
+            name = f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+            counter = 2
+            while name in taken:
+                name = f"{path.stem}_{path.suffix.lstrip('.').lower()}{counter}"
+                counter += 1
+        taken.add(name)
+        names[path] = name
+    return names
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 6)
+
+
+def write_result(result: dict[str, Any], folder: Path, source: Path, run: dict[str, Any]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"mask": "mask.png", "mask_overlay": "mask_overlay.png"}
+    Image.fromarray(result["mask"].astype("uint8") * 255).save(folder / files["mask"])
+    result["mask_overlay"].save(folder / files["mask_overlay"])
+    if result["lesion_image"] is not None:
+        files["lesion_image"] = "lesion_image.png"
+        result["lesion_image"].save(folder / files["lesion_image"])
+    for branch, overlay in result["heatmap_overlays"].items():
+        files[f"heatmap_{branch}"] = f"heatmap_{branch}.png"
+        overlay.save(folder / files[f"heatmap_{branch}"])
+    height, width = result["mask"].shape
+    document = {
+        "source": str(source),
+        "image_size": {"width": width, "height": height},
+        **run,
+        "predicted_label": result["predicted_label"],
+        "score": _json_number(result["score"]),
+        "probabilities": {label: _json_number(p) for label, p in result["probabilities"].items()},
+        "target_label": result["target_label"],
+        "lesion_focus": {branch: _json_number(value) for branch, value in result["lesion_focus"].items()},
+        "mask_empty": result["mask_empty"],
+        "mask_fraction": _json_number(result["mask_fraction"]),
+        "lesion_box": result["lesion_box"],
+        "metadata_used": result["metadata_used"],
+        "metadata_missing": result["metadata_missing"],
+        "metadata_ignored": result["metadata_ignored"],
+        "files": files,
+        "disclaimer": "Research use only; not a medical device.",
+    }
+    (folder / "result.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        rows = read_metadata_csv(args.metadata_csv) if args.metadata_csv is not None else {}
+        analyzer = SkinLesionAnalyzer.from_pretrained(
+            args.model, method=args.method, explain_backend=args.backend, device=args.device
+        )
+        if args.target_class is not None:
+            resolve_target_classes(args.target_class, analyzer.model.config.id2label, 1)
+    except (OSError, ValueError, ImportError) as error:
+        logger.error("%s", error)
+        return 2
+
+    files, ignored = collect_images(args.input)
+    for path in ignored:
+        logger.warning("Skipping %s: not an image file (suffix %r).", path.name, path.suffix)
+    names = output_names(files)
+    run = {
+        "model": str(args.model),
+        "method": args.method if not args.no_explain else None,
+        "backend": type(analyzer.explainer).__name__ if not args.no_explain else None,
+    }
+    failed: list[str] = [path.name for path in ignored]
+    done = 0
+    progress = tqdm(total=len(files), unit="image", desc="Analysing", disable=len(files) < 2)
+
+    def analyse(batch: list[tuple[Path, Any]]) -> None:
+        nonlocal done
+        images = [image for _, image in batch]
+        records = [metadata_record(args, rows.get(path.stem)) for path, _ in batch]
+        try:
+            results = analyzer(
+                images,
+                metadata=records,
+                target_class=args.target_class,
+                explain=not args.no_explain,
+                batch_size=len(images),
+            )
+        except ValueError as error:
+            if len(batch) > 1:  # find the culprit
+                for item in batch:
+                    analyse([item])
+                return
+            logger.warning("Skipping %s: %s", batch[0][0].name, error)
+            failed.append(batch[0][0].name)
+            return
+        for (path, _), result in zip(batch, results):
+            write_result(result, args.out / names[path], path, run)
+            done += 1
+
+    batch: list[tuple[Path, Any]] = []
+    for path in files:
+        try:
+            batch.append((path, load_image(path)))
+        except ValueError as error:
+            tqdm.write(f"Skipping {path.name}: {error}", file=sys.stderr)
+            failed.append(path.name)
+            progress.update(1)
+        if len(batch) == args.batch_size:
+            analyse(batch)
+            progress.update(len(batch))
+            batch = []
+    if batch:
+        analyse(batch)
+        progress.update(len(batch))
+    progress.close()
+
+    processed = len(files) + len(ignored)
+    logger.info("Analysed %d of %d file(s) into %s.", done, processed, args.out)
+    if failed:
+        logger.warning("Skipped %d file(s): %s", len(failed), ", ".join(failed))
+    if done == 0:
+        logger.error("No image could be analysed.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
