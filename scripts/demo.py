@@ -141,20 +141,6 @@ def train(args: argparse.Namespace) -> tuple[Path, Path]:
     return segmenter_dir, classifier_dir
 
 
-def add_analysis_pipeline(folder: Path) -> None:
-    """Make sure the export names and ships the "skin-lesion-analysis" pipeline (`custom_pipelines` in config.json and
-    its code files), which the Space loads with `trust_remote_code=True` where this package is not installed. The
-    pipeline's own `save_for_hub` writes it when the export does not already."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    if config.get("model_type") != "skin_dualnet" or "skin-lesion-analysis" in (config.get("custom_pipelines") or {}):
-        return
-    from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor
-    from modeling_skinlesion.pipeline_skinlesion import save_for_hub
-
-    model = SkinDualNet.from_pretrained(folder).eval()
-    save_for_hub(model, folder, SkinLesionImageProcessor.from_pretrained(folder))
-
-
 def export_model(
     model_path: Path, output_dir: Path, datasets: list[str], training: dict[str, Any] | None = None
 ) -> Path:
@@ -179,7 +165,6 @@ def export_model(
     status = push_to_hub.main(argv)
     if status != 0:
         raise SystemExit(f"scripts/push_to_hub.py failed with exit status {status}; see its log above.")
-    add_analysis_pipeline(output_dir)
     if training:
         from transformers import AutoConfig
 

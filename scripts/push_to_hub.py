@@ -3,7 +3,8 @@
 
 The folder holds everything a user needs with `transformers` alone:
 `config.json` (with `auto_map`), `model.safetensors`, the remote-code files (`configuration_skinlesion.py`,
-`modeling_skinlesion.py`, `image_processing_skinlesion.py`), `preprocessor_config.json` and a `README.md` model card
+`modeling_skinlesion.py`, `image_processing_skinlesion.py`; for a classifier also the "skin-lesion-analysis" pipeline,
+`custom_pipelines` in config.json, and its code files), `preprocessor_config.json` and a `README.md` model card
 (licence, training data, metrics, intended use, limitations, citation).
 
     python scripts/push_to_hub.py --model-path runs/classifier --output-dir hub/skin-dualnet \
@@ -32,7 +33,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModel, HfArgumentParser
 
-from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionSegmenter
+from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionSegmenter, save_for_hub
 from modeling_skinlesion.model_card import DEFAULT_REPO_ID, load_metrics, training_datasets, write_model_card
 
 logger = logging.getLogger("push_to_hub")
@@ -129,6 +130,11 @@ def check_export(output_dir: Path) -> list[str]:
     processor = json.loads((output_dir / "preprocessor_config.json").read_text())
     modules = {ref.split(".")[0] for ref in [*auto_map.values(), *(processor.get("auto_map") or {}).values()]}
     required = {"model.safetensors", "README.md", *(f"{module}.py" for module in modules)}
+    if config.get("model_type") == "skin_dualnet":
+        pipelines = config.get("custom_pipelines") or {}
+        if "skin-lesion-analysis" not in pipelines:
+            raise RuntimeError("config.json does not name the 'skin-lesion-analysis' pipeline (custom_pipelines).")
+        required.add(pipelines["skin-lesion-analysis"]["impl"].split(".")[0] + ".py")
     missing = sorted(name for name in required if not (output_dir / name).is_file())
     if missing:
         raise RuntimeError(f"The export in {output_dir} lacks {missing}.")
@@ -196,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return EXIT_BAD_INPUT
 
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    if isinstance(model, SkinDualNet):
+        # Weights, processor and code, plus the "skin-lesion-analysis" pipeline (`custom_pipelines` and its code
+        # files), so `pipeline("skin-lesion-analysis", model=repo, trust_remote_code=True)` works without our package.
+        save_for_hub(model, output_dir, processor)
+    else:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
     write_model_card(
         output_dir,
         model.config,

@@ -88,6 +88,8 @@ def test_export_folder_is_hub_ready(exported_classifier):
         "configuration_skinlesion.py",
         "modeling_skinlesion.py",
         "image_processing_skinlesion.py",
+        "explaining_skinlesion.py",
+        "pipeline_skinlesion.py",
         "preprocessor_config.json",
         "README.md",
     }
@@ -97,6 +99,9 @@ def test_export_folder_is_hub_ready(exported_classifier):
         "AutoModel": "modeling_skinlesion.SkinDualNet",
         "AutoModelForImageClassification": "modeling_skinlesion.SkinDualNet",
     }
+    # The classifier export ships the analysis pipeline too.
+    pipeline_impl = config["custom_pipelines"]["skin-lesion-analysis"]["impl"]
+    assert pipeline_impl == "pipeline_skinlesion.SkinLesionAnalysisPipeline"
     processor = json.loads((output / "preprocessor_config.json").read_text())
     assert processor["auto_map"] == {"AutoImageProcessor": "image_processing_skinlesion.SkinLesionImageProcessor"}
     assert processor["size"] == {"height": 64, "width": 64}
@@ -158,10 +163,19 @@ def test_exported_classifier_loads_without_package(exported_classifier, data_roo
         # Same weights and inputs; only the thread count of another process may change float summation order.
         torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=1e-5, atol=1e-6)
         print(type(model).__module__, type(model).__name__, type(processor).__name__, "identical")
+        from transformers import pipeline
+
+        analyse = pipeline("skin-lesion-analysis", model={str(output)!r}, trust_remote_code=True)
+        result = analyse({str(image)!r}, metadata={{"age": 45, "sex": "male", "site": "back"}})
+        assert abs(sum(result["probabilities"].values()) - 1) < 1e-4, result["probabilities"]
+        assert set(result["lesion_focus"]) == {{"image", "lesion"}}, result["lesion_focus"]
+        print(type(analyse).__module__, "pipeline-ok")
         """,
         cwd=tmp_path / "isolated",
     )
-    module, name, processor_name, verdict = out.split()[-4:]
+    pipeline_module, pipeline_verdict = out.split()[-2:]
+    assert pipeline_module.startswith("transformers_modules") and pipeline_verdict == "pipeline-ok"
+    module, name, processor_name, verdict = out.split()[-6:-2]
     assert module.startswith("transformers_modules") and name == "SkinDualNet"
     assert processor_name == "SkinLesionImageProcessor" and verdict == "identical"
 
