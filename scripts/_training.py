@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from modeling_skinlesion.data import (
+    build_dataloader,
     check_no_group_leak,
     class_counts,
     column_values,
@@ -592,3 +595,87 @@ class Timer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+@dataclass
+class PreparedRun:
+    """What `prepare_run` hands back: the prepared objects, the schedule, and where a resumed run starts."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dataloader: Any
+    eval_dataloader: Any
+    state: "TrainingState"
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+    checkpoint: Path | None
+    starting_epoch: int
+    resume_batches: int
+    samples: "SampleLog"
+    progress: Any
+
+
+def prepare_run(
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    model: torch.nn.Module,
+    splits: datasets.DatasetDict,
+    train_transform: Any,
+    eval_transform: Any,
+    output_dir: Path,
+    checkpoints_dir: Path,
+    tracker: str,
+) -> PreparedRun:
+    """The part both training scripts share before their loops: data loaders, AdamW, `accelerator.prepare`, the
+    cosine schedule, checkpoint registration, trackers (`--report-to`), resuming from `--resume`, the run summary in
+    the log, the per-sample log and the progress bar."""
+    train_dataloader = build_dataloader(
+        splits["train"], train_transform, args.batch_size, shuffle=True, num_workers=args.num_workers, seed=args.seed
+    )
+    eval_dataloader = build_dataloader(
+        splits["validation"], eval_transform, args.eval_batch_size or 2 * args.batch_size, num_workers=args.num_workers
+    )
+    optimizer = build_optimizer(model, args)
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader
+    )
+    steps_per_epoch, max_steps, epochs = training_schedule(len(train_dataloader), args)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * max_steps) * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    scheduler = accelerator.prepare(scheduler)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(state)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(tracker, config={k: str(v) for k, v in vars(args).items()})
+
+    checkpoint = find_checkpoint(args.resume, checkpoints_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info(f"Resumed from {checkpoint} at step {state.completed_steps}")
+    logger.info(
+        f"{len(splits['train'])} training images, {accelerator.num_processes} process(es) x batch {args.batch_size} x "
+        f"{args.grad_accum} accumulation: {steps_per_epoch} steps/epoch, {max_steps} steps, {epochs} epochs"
+    )
+    return PreparedRun(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_dataloader=train_dataloader,
+        eval_dataloader=eval_dataloader,
+        state=state,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        epochs=epochs,
+        checkpoint=checkpoint,
+        starting_epoch=state.completed_steps // steps_per_epoch,
+        resume_batches=(state.completed_steps % steps_per_epoch) * args.grad_accum,
+        samples=SampleLog(output_dir, accelerator.process_index, args.log_samples),
+        progress=tqdm(
+            total=max_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+        ),
+    )

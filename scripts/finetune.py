@@ -46,7 +46,7 @@ from transformers import AutoConfig, get_cosine_schedule_with_warmup
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _training as T  # noqa: E402
-from train_classifier import lesion_masks  # noqa: E402
+from train_classifier import lesion_masks, predict_probabilities  # noqa: E402
 
 from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionMetadataProcessor  # noqa: E402
 from modeling_skinlesion.data import (  # noqa: E402
@@ -251,30 +251,12 @@ def build_model(
     return model
 
 
-@torch.no_grad()
 def predict(model, dataloader, accelerator: Accelerator, use_ground_truth: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and labels over the (sharded) dataloader, gathered across processes, each image once."""
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    indices, probabilities, labels = [], [], []
-    for batch in dataloader:
-        if batch["pixel_values"].shape[0] == 0:
-            continue
-        logits = model(
-            pixel_values=batch["pixel_values"],
-            age=batch["age"],
-            sex_ids=batch["sex_ids"],
-            site_ids=batch["site_ids"],
-            lesion_mask=lesion_masks(model, batch, use_ground_truth, accelerator),
-        ).logits
-        indices.append(batch["index"])
-        probabilities.append(logits.float().softmax(-1))
-        labels.append(batch["labels"])
-    if not indices:
-        probabilities = [torch.zeros(0, model.config.num_labels, device=accelerator.device)]
-        labels = [torch.zeros(0, dtype=torch.long, device=accelerator.device)]
-    _, probability, label = T.gather_by_index(accelerator, indices, probabilities, labels)
-    return probability.astype(np.float64), label
+    """Probabilities and labels over the (sharded) dataloader, gathered across processes, each image once, with the
+    main process's BatchNorm statistics (the ones the saved model keeps)."""
+    T.broadcast_buffers(accelerator, model)
+    probabilities, labels = predict_probabilities(model, dataloader, accelerator, use_ground_truth)
+    return probabilities.astype(np.float64), labels
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

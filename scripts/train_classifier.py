@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-from transformers import AutoConfig, get_cosine_schedule_with_warmup
+from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,7 +40,6 @@ from modeling_skinlesion import (  # noqa: E402
 from modeling_skinlesion.data import (  # noqa: E402
     SkinLesionTransform,
     balanced_class_weights,
-    build_dataloader,
     label_names,
 )
 
@@ -80,9 +79,11 @@ def lesion_masks(model, batch: dict, use_ground_truth: bool, accelerator: Accele
 
 
 @torch.no_grad()
-def evaluate_classifier(model, dataloader, accelerator: Accelerator, use_ground_truth: bool) -> dict:
-    """Validation scores over the whole (sharded) dataloader, gathered across processes, each image once."""
-    T.broadcast_buffers(accelerator, model)
+def predict_probabilities(
+    model, dataloader, accelerator: Accelerator, use_ground_truth: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and labels over the whole (sharded) dataloader, gathered across processes, each image
+    once. Call `T.broadcast_buffers` first on a model that was trained with DDP."""
     model = accelerator.unwrap_model(model)  # no DDP collectives inside forward: processes may have empty batches
     model.eval()
     indices, probabilities, labels = [], [], []
@@ -103,7 +104,15 @@ def evaluate_classifier(model, dataloader, accelerator: Accelerator, use_ground_
         probabilities = [torch.zeros(0, model.config.num_labels, device=accelerator.device)]
         labels = [torch.zeros(0, dtype=torch.long, device=accelerator.device)]
     _, probability, label = T.gather_by_index(accelerator, indices, probabilities, labels)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return probability, label
+
+
+def evaluate_classifier(model, dataloader, accelerator: Accelerator, use_ground_truth: bool) -> dict:
+    """Validation scores over the whole (sharded) dataloader, gathered across processes, each image once."""
+    T.broadcast_buffers(accelerator, model)
+    probability, label = predict_probabilities(model, dataloader, accelerator, use_ground_truth)
+    config = accelerator.unwrap_model(model).config
+    names = [config.id2label[i] for i in range(config.num_labels)]
     return T.classification_metrics(probability, label, names)
 
 
@@ -165,47 +174,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_transform = SkinLesionTransform(processor, train=True, metadata_processor=metadata, seed=args.seed)
     eval_transform = SkinLesionTransform(processor, train=False, metadata_processor=metadata)
-    train_dataloader = build_dataloader(
-        splits["train"], train_transform, args.batch_size, shuffle=True, num_workers=args.num_workers, seed=args.seed
+    run = T.prepare_run(
+        accelerator,
+        args,
+        model,
+        splits,
+        train_transform,
+        eval_transform,
+        output_dir,
+        checkpoints_dir,
+        tracker="skin-dualnet-classifier",
     )
-    eval_dataloader = build_dataloader(
-        splits["validation"], eval_transform, args.eval_batch_size or 2 * args.batch_size, num_workers=args.num_workers
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    train_dataloader, eval_dataloader, state, samples, progress = (
+        run.train_dataloader,
+        run.eval_dataloader,
+        run.state,
+        run.samples,
+        run.progress,
     )
-
-    # Optimizer, schedule, prepare ------------------------------------------------------------------------------------
-    optimizer = T.build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
-    steps_per_epoch, max_steps, epochs = T.training_schedule(len(train_dataloader), args)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=int(args.warmup_ratio * max_steps) * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
-    scheduler = accelerator.prepare(scheduler)
-    state = T.TrainingState()
-    accelerator.register_for_checkpointing(state)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("skin-dualnet-classifier", config={k: str(v) for k, v in vars(args).items()})
-
-    # Resume ----------------------------------------------------------------------------------------------------------
-    checkpoint = T.find_checkpoint(args.resume, checkpoints_dir)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        logger.info(f"Resumed from {checkpoint} at step {state.completed_steps}")
-    starting_epoch = state.completed_steps // steps_per_epoch
-    resume_batches = (state.completed_steps % steps_per_epoch) * args.grad_accum
+    max_steps, epochs = run.max_steps, run.epochs
+    checkpoint, starting_epoch, resume_batches = run.checkpoint, run.starting_epoch, run.resume_batches
 
     # Train -----------------------------------------------------------------------------------------------------------
-    logger.info(
-        f"{len(splits['train'])} training images, {accelerator.num_processes} process(es) x batch {args.batch_size} x "
-        f"{args.grad_accum} accumulation: {steps_per_epoch} steps/epoch, {max_steps} steps, {epochs} epochs"
-    )
-    samples = T.SampleLog(output_dir, accelerator.process_index, args.log_samples)
-    progress = tqdm(
-        total=max_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc="train"
-    )
     size = processor.size["height"], processor.size["width"]
     saved_step = state.completed_steps if checkpoint is not None else None
     for epoch in range(starting_epoch, epochs):
