@@ -679,3 +679,91 @@ def prepare_run(
             total=max_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc="train"
         ),
     )
+
+
+def train_loop(
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    run: PreparedRun,
+    train_transform: Any,
+    checkpoints_dir: Path,
+    timer: "Timer",
+    *,
+    compute_loss: Any,
+    evaluate: Any,
+    blank_batch: Any,
+    best_key: str,
+    scores: tuple[str, ...],
+) -> None:
+    """The epochs both training scripts run: accumulated, clipped AdamW steps with step checkpoints, then per epoch
+    validation, best-model selection on `best_key`, a log line, tracker scalars and an end-of-epoch checkpoint.
+
+    `compute_loss(model, batch)` returns the batch loss, `evaluate(model)` the validation metrics, and
+    `blank_batch()` a one-image stand-in for a batch whose every image was unreadable (it runs with a zero loss
+    weight, because the other processes still expect this one in the gradient all-reduce). Progress lives in
+    `run.state` (history, best epoch, steps), which checkpoints carry, so a resumed run continues where it stopped.
+    """
+    model, state, progress = run.model, run.state, run.progress
+    saved_step = state.completed_steps if run.checkpoint is not None else None
+    for epoch in range(run.starting_epoch, run.epochs):
+        if state.completed_steps >= run.max_steps:
+            break
+        model.train()
+        train_transform.set_epoch(epoch)
+        run.train_dataloader.set_epoch(epoch)
+        batches = run.train_dataloader
+        if epoch == run.starting_epoch and run.resume_batches:
+            batches = accelerator.skip_first_batches(run.train_dataloader, run.resume_batches)
+        loss_sum, loss_count, dropped = torch.zeros((), device=accelerator.device), 0, 0
+        for batch in batches:
+            dropped += len(batch["dropped"])
+            empty = batch["pixel_values"].shape[0] == 0
+            if empty:
+                batch = blank_batch()
+            run.samples.write(epoch, batch if not empty else {"image_id": []})
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch)
+                accelerator.backward(loss * (0.0 if empty else 1.0))
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad()
+            if not empty:
+                loss_sum += loss.detach().float()
+                loss_count += 1
+            if accelerator.sync_gradients:
+                state.completed_steps += 1
+                progress.update(1)
+                if args.checkpointing_steps.isdigit() and state.completed_steps % int(args.checkpointing_steps) == 0:
+                    save_checkpoint(accelerator, checkpoints_dir, state.completed_steps, args.keep_checkpoints)
+                    saved_step = state.completed_steps
+                if state.completed_steps >= run.max_steps:
+                    break
+
+        validation = evaluate(model)
+        train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+        if state.best_metric is None or validation[best_key] > state.best_metric:
+            state.best_metric, state.best_epoch = validation[best_key], epoch
+            save_best(accelerator, model, checkpoints_dir / "best_model")
+        state.history.append(
+            {
+                "epoch": epoch,
+                "step": state.completed_steps,
+                "train_loss": train_loss,
+                "dropped_files": dropped,
+                "validation": validation,
+            }
+        )
+        logger.info(
+            f"epoch {epoch + 1}/{run.epochs} step {state.completed_steps} train_loss {train_loss:.4f} "
+            f"{format_metrics(validation, scores)} | best {best_key} {state.best_metric:.4f} "
+            f"(epoch {state.best_epoch + 1}) | {timer.elapsed():.0f}s"
+        )
+        scalars = {f"val_{k}": validation[k] for k in scores if isinstance(validation.get(k), float)}
+        accelerator.log({"train_loss": train_loss, **scalars}, step=epoch)
+        # Every epoch; with step checkpoints, at the end of each epoch too unless that step was just saved.
+        if args.checkpointing_steps != "none" and saved_step != state.completed_steps:
+            save_checkpoint(accelerator, checkpoints_dir, state.completed_steps, args.keep_checkpoints)
+            saved_step = state.completed_steps
+    progress.close()

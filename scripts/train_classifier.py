@@ -185,101 +185,49 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoints_dir,
         tracker="skin-dualnet-classifier",
     )
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    train_dataloader, eval_dataloader, state, samples, progress = (
-        run.train_dataloader,
-        run.eval_dataloader,
-        run.state,
-        run.samples,
-        run.progress,
-    )
-    max_steps, epochs = run.max_steps, run.epochs
-    checkpoint, starting_epoch, resume_batches = run.checkpoint, run.starting_epoch, run.resume_batches
+    model, state = run.model, run.state
 
-    # Train -----------------------------------------------------------------------------------------------------------
+    # Train, validate every epoch, keep the best ----------------------------------------------------------------------
     size = processor.size["height"], processor.size["width"]
-    saved_step = state.completed_steps if checkpoint is not None else None
-    for epoch in range(starting_epoch, epochs):
-        if state.completed_steps >= max_steps:
-            break
-        model.train()
-        train_transform.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == starting_epoch and resume_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        loss_sum, loss_count, dropped = torch.zeros((), device=accelerator.device), 0, 0
-        for batch in batches:
-            dropped += len(batch["dropped"])
-            empty = batch["pixel_values"].shape[0] == 0
-            if empty:
-                # Every image of this batch was unreadable. Other processes still expect this one in the gradient
-                # all-reduce, so it runs a blank image with a zero loss weight instead of skipping.
-                device = accelerator.device
-                batch = {
-                    "pixel_values": torch.zeros(1, 3, *size, device=device),
-                    "lesion_mask": torch.zeros(1, 1, *size, device=device),
-                    "has_mask": torch.ones(1, dtype=torch.bool, device=device),
-                    "labels": torch.zeros(1, dtype=torch.long, device=device),
-                    "age": torch.full((1,), float("nan"), device=device),
-                    "sex_ids": torch.zeros(1, dtype=torch.long, device=device),
-                    "site_ids": torch.zeros(1, dtype=torch.long, device=device),
-                }
-            samples.write(epoch, batch if not empty else {"image_id": []})
-            with accelerator.accumulate(model):
-                loss = model(
-                    pixel_values=batch["pixel_values"],
-                    age=batch["age"],
-                    sex_ids=batch["sex_ids"],
-                    site_ids=batch["site_ids"],
-                    lesion_mask=lesion_masks(model, batch, args.train_masks == "ground_truth", accelerator),
-                    labels=batch["labels"],
-                ).loss
-                accelerator.backward(loss * (0.0 if empty else 1.0))
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not empty:
-                loss_sum += loss.detach().float()
-                loss_count += 1
-            if accelerator.sync_gradients:
-                state.completed_steps += 1
-                progress.update(1)
-                if args.checkpointing_steps.isdigit() and state.completed_steps % int(args.checkpointing_steps) == 0:
-                    T.save_checkpoint(accelerator, checkpoints_dir, state.completed_steps, args.keep_checkpoints)
-                    saved_step = state.completed_steps
-                if state.completed_steps >= max_steps:
-                    break
+    use_ground_truth = args.train_masks == "ground_truth"
 
-        # Validate, keep the best, log -------------------------------------------------------------------------------
-        validation = evaluate_classifier(model, eval_dataloader, accelerator, args.eval_masks == "ground_truth")
-        train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-        improved = state.best_metric is None or validation["balanced_accuracy"] > state.best_metric
-        if improved:
-            state.best_metric, state.best_epoch = validation["balanced_accuracy"], epoch
-            T.save_best(accelerator, model, checkpoints_dir / "best_model")
-        record = {
-            "epoch": epoch,
-            "step": state.completed_steps,
-            "train_loss": train_loss,
-            "dropped_files": dropped,
-            "validation": validation,
+    def blank_batch() -> dict[str, torch.Tensor]:
+        device = accelerator.device
+        return {
+            "pixel_values": torch.zeros(1, 3, *size, device=device),
+            "lesion_mask": torch.zeros(1, 1, *size, device=device),
+            "has_mask": torch.ones(1, dtype=torch.bool, device=device),
+            "labels": torch.zeros(1, dtype=torch.long, device=device),
+            "age": torch.full((1,), float("nan"), device=device),
+            "sex_ids": torch.zeros(1, dtype=torch.long, device=device),
+            "site_ids": torch.zeros(1, dtype=torch.long, device=device),
         }
-        state.history.append(record)
-        logger.info(
-            f"epoch {epoch + 1}/{epochs} step {state.completed_steps} train_loss {train_loss:.4f} "
-            f"{T.format_metrics(validation, SCORES)} | best balanced_accuracy {state.best_metric:.4f} "
-            f"(epoch {state.best_epoch + 1}) | {timer.elapsed():.0f}s"
-        )
-        scalars = {f"val_{k}": validation[k] for k in SCORES if isinstance(validation.get(k), float)}
-        accelerator.log({"train_loss": train_loss, **scalars}, step=epoch)
-        # Every epoch; with step checkpoints, at the end of each epoch too unless that step was just saved.
-        if args.checkpointing_steps != "none" and saved_step != state.completed_steps:
-            T.save_checkpoint(accelerator, checkpoints_dir, state.completed_steps, args.keep_checkpoints)
-            saved_step = state.completed_steps
-    progress.close()
+
+    def compute_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(
+            pixel_values=batch["pixel_values"],
+            age=batch["age"],
+            sex_ids=batch["sex_ids"],
+            site_ids=batch["site_ids"],
+            lesion_mask=lesion_masks(model, batch, use_ground_truth, accelerator),
+            labels=batch["labels"],
+        ).loss
+
+    T.train_loop(
+        accelerator,
+        args,
+        run,
+        train_transform,
+        checkpoints_dir,
+        timer,
+        compute_loss=compute_loss,
+        evaluate=lambda model: evaluate_classifier(
+            model, run.eval_dataloader, accelerator, args.eval_masks == "ground_truth"
+        ),
+        blank_batch=blank_batch,
+        best_key="balanced_accuracy",
+        scores=SCORES,
+    )
 
     # Save the best model (segmenter included), its processor, metrics and a model card -------------------------------
     accelerator.wait_for_everyone()

@@ -117,87 +117,30 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoints_dir,
         tracker="skin-dualnet-segmenter",
     )
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    train_dataloader, eval_dataloader, state, samples, progress = (
-        run.train_dataloader,
-        run.eval_dataloader,
-        run.state,
-        run.samples,
-        run.progress,
-    )
-    max_steps, epochs = run.max_steps, run.epochs
-    checkpoint, starting_epoch, resume_batches = run.checkpoint, run.starting_epoch, run.resume_batches
+    model, state = run.model, run.state
 
-    # Train -----------------------------------------------------------------------------------------------------------
+    # Train, validate every epoch, keep the best ----------------------------------------------------------------------
     size = processor.size["height"], processor.size["width"]
-    saved_step = state.completed_steps if checkpoint is not None else None
-    for epoch in range(starting_epoch, epochs):
-        if state.completed_steps >= max_steps:
-            break
-        model.train()
-        train_transform.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == starting_epoch and resume_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        loss_sum, loss_count, dropped = torch.zeros((), device=accelerator.device), 0, 0
-        for batch in batches:
-            dropped += len(batch["dropped"])
-            empty = batch["pixel_values"].shape[0] == 0
-            if empty:
-                # Every image of this batch was unreadable. Other processes still expect this one in the gradient
-                # all-reduce, so it runs a blank image with a zero loss weight instead of skipping.
-                batch = {
-                    "pixel_values": torch.zeros(1, 3, *size, device=accelerator.device),
-                    "lesion_mask": torch.zeros(1, 1, *size, device=accelerator.device),
-                }
-            samples.write(epoch, batch if not empty else {"image_id": []})
-            with accelerator.accumulate(model):
-                loss = model(pixel_values=batch["pixel_values"], labels=batch["lesion_mask"]).loss
-                accelerator.backward(loss * (0.0 if empty else 1.0))
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not empty:
-                loss_sum += loss.detach().float()
-                loss_count += 1
-            if accelerator.sync_gradients:
-                state.completed_steps += 1
-                progress.update(1)
-                if args.checkpointing_steps.isdigit() and state.completed_steps % int(args.checkpointing_steps) == 0:
-                    T.save_checkpoint(accelerator, checkpoints_dir, state.completed_steps, args.keep_checkpoints)
-                    saved_step = state.completed_steps
-                if state.completed_steps >= max_steps:
-                    break
 
-        # Validate, keep the best, log -------------------------------------------------------------------------------
-        validation = evaluate_segmenter(model, eval_dataloader, accelerator)
-        train_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-        improved = state.best_metric is None or validation["dice"] > state.best_metric
-        if improved:
-            state.best_metric, state.best_epoch = validation["dice"], epoch
-            T.save_best(accelerator, model, checkpoints_dir / "best_model")
-        record = {
-            "epoch": epoch,
-            "step": state.completed_steps,
-            "train_loss": train_loss,
-            "dropped_files": dropped,
-            "validation": validation,
+    def blank_batch() -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.zeros(1, 3, *size, device=accelerator.device),
+            "lesion_mask": torch.zeros(1, 1, *size, device=accelerator.device),
         }
-        state.history.append(record)
-        logger.info(
-            f"epoch {epoch + 1}/{epochs} step {state.completed_steps} train_loss {train_loss:.4f} "
-            f"{T.format_metrics(validation, SCORES)} | best dice {state.best_metric:.4f} "
-            f"(epoch {state.best_epoch + 1}) | {timer.elapsed():.0f}s"
-        )
-        accelerator.log({"train_loss": train_loss, **{f"val_{k}": validation[k] for k in SCORES}}, step=epoch)
-        # Every epoch; with step checkpoints, at the end of each epoch too unless that step was just saved.
-        if args.checkpointing_steps != "none" and saved_step != state.completed_steps:
-            T.save_checkpoint(accelerator, checkpoints_dir, state.completed_steps, args.keep_checkpoints)
-            saved_step = state.completed_steps
-    progress.close()
+
+    T.train_loop(
+        accelerator,
+        args,
+        run,
+        train_transform,
+        checkpoints_dir,
+        timer,
+        compute_loss=lambda model, batch: model(pixel_values=batch["pixel_values"], labels=batch["lesion_mask"]).loss,
+        evaluate=lambda model: evaluate_segmenter(model, run.eval_dataloader, accelerator),
+        blank_batch=blank_batch,
+        best_key="dice",
+        scores=SCORES,
+    )
 
     # Save the best model, its processor, metrics and a model card ---------------------------------------------------
     accelerator.wait_for_everyone()
