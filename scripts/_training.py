@@ -607,7 +607,6 @@ class PreparedRun:
     train_dataloader: Any
     eval_dataloader: Any
     state: "TrainingState"
-    steps_per_epoch: int
     max_steps: int
     epochs: int
     checkpoint: Path | None
@@ -668,7 +667,6 @@ def prepare_run(
         train_dataloader=train_dataloader,
         eval_dataloader=eval_dataloader,
         state=state,
-        steps_per_epoch=steps_per_epoch,
         max_steps=max_steps,
         epochs=epochs,
         checkpoint=checkpoint,
