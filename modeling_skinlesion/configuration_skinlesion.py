@@ -198,6 +198,13 @@ class SkinDualNetConfig(PreTrainedConfig):
         Per-class weights of the cross-entropy loss.
     label_smoothing (`float`, *optional*, defaults to 0.1):
         Label smoothing of the cross-entropy loss.
+    logit_adjustment (`list[float]`, *optional*):
+        Per-class offsets added to the logits inside the training loss only (logit-adjusted loss, Menon et al.
+        2021: `tau * log(class prior)`), so the returned logits rank classes as if they were balanced and the rare
+        classes are learned without class weights.
+    temperature (`float`, *optional*, defaults to 1.0):
+        The returned logits are divided by it: a temperature fitted on the validation split (temperature scaling)
+        makes every entry point return calibrated probabilities. 1.0 = not calibrated.
     gradcam_target_layer (`str`, *optional*):
         Layer, relative to each timm trunk, that Grad-CAM hooks; `None` picks a default for the trunk family.
     segmenter_config (`dict` or [`SkinLesionSegmenterConfig`], *optional*):
@@ -234,6 +241,8 @@ class SkinDualNetConfig(PreTrainedConfig):
     classifier_dropout: float | int = 0.3
     class_weights: list[float] | None = None
     label_smoothing: float | int = 0.1
+    logit_adjustment: list[float] | None = None
+    temperature: float | int = 1.0
     gradcam_target_layer: str | None = None
     image_mean: list[float] | tuple[float, ...] = tuple(IMAGENET_MEAN)
     image_std: list[float] | tuple[float, ...] = tuple(IMAGENET_STD)
@@ -285,6 +294,12 @@ class SkinDualNetConfig(PreTrainedConfig):
                 f"`class_weights` must hold {self.num_labels} non-negative numbers (one per label), "
                 f"got {self.class_weights}."
             )
+        if self.logit_adjustment is not None and len(self.logit_adjustment) != self.num_labels:
+            raise ValueError(
+                f"`logit_adjustment` must hold {self.num_labels} numbers (one per label), got {self.logit_adjustment}."
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
         for vocab in ("sex_vocab", "site_vocab"):
             if not getattr(self, vocab) or getattr(self, vocab)[0] != "unknown":
                 raise ValueError(f"`{vocab}` must start with the 'unknown' token, got {getattr(self, vocab)}.")

@@ -7,6 +7,7 @@ Segmentation and Clinical Metadata Fusion" (arXiv 2510.17773).
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_skinlesion import SkinDualNetConfig, SkinLesionSegmenterConfig
+from .image_processing_skinlesion import clean_mask
 
 ENCODER_STRIDE = 32
 
@@ -251,7 +253,11 @@ class SkinDualNetImageEncoder(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.fusion_dim, grid, grid))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.projection(self.trunk.forward_features(pixel_values))  # (batch, dim, h, w)
+        return self.tokens(self.trunk.forward_features(pixel_values))
+
+    def tokens(self, trunk_features: torch.Tensor) -> torch.Tensor:
+        """The trunk's last feature map `(batch_size, channels, h, w)` → tokens `(batch_size, h * w, fusion_dim)`."""
+        features = self.projection(trunk_features)  # (batch, dim, h, w)
         position = self.position_embeddings
         if position.shape[-2:] != features.shape[-2:]:
             position = F.interpolate(position, size=features.shape[-2:], mode="bicubic", align_corners=False)
@@ -604,9 +610,11 @@ class SkinDualNet(SkinLesionPreTrainedModel):
         self.segmenter.load_pretrained_backbones()
 
     @torch.no_grad()
-    def predict_lesion_mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def predict_lesion_mask(self, pixel_values: torch.Tensor, clean: bool = True) -> torch.Tensor:
         """Binary lesion masks `(batch_size, 1, height, width)` from the nested segmenter, run in eval mode at its own
-        input size (the caller's train/eval mode is restored)."""
+        input size (the caller's train/eval mode is restored), cleaned (largest component, holes filled) unless
+        `clean=False`. This is the one image → mask path: the forward, the pipelines, evaluation and the Space all
+        use it."""
         check_pixel_values(pixel_values)
         size = self.config.segmenter_config.image_size
         inputs = pixel_values
@@ -620,7 +628,29 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             self.segmenter.train(was_training)
         if logits.shape[-2:] != pixel_values.shape[-2:]:
             logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        return (logits.sigmoid() > self.config.segmenter_config.mask_threshold).to(pixel_values.dtype)
+        masks = logits.sigmoid() > self.config.segmenter_config.mask_threshold  # (batch, 1, height, width)
+        if clean:
+            cleaned = [clean_mask(mask[0].cpu().numpy()) for mask in masks]
+            masks = torch.from_numpy(np.stack(cleaned))[:, None].to(pixel_values.device)
+        return masks.to(pixel_values.dtype)
+
+    def lesion_inputs(
+        self, pixel_values: torch.Tensor, lesion_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The lesion branch's input: `(lesion_mask, lesion_pixel_values, lesion_boxes, mask_empty)` from a given
+        mask, or from the segmenter's (cleaned) mask when `lesion_mask` is None."""
+        if lesion_mask is None:
+            lesion_mask = self.predict_lesion_mask(pixel_values)
+        else:
+            lesion_mask = _check_mask(lesion_mask, "lesion_mask", pixel_values)
+        lesion_pixel_values, lesion_boxes, mask_empty = build_lesion_image(
+            pixel_values,
+            lesion_mask,
+            self.config.lesion_mode,
+            self.config.lesion_margin,
+            self.config.min_lesion_fraction,
+        )
+        return lesion_mask, lesion_pixel_values, lesion_boxes, mask_empty
 
     def forward(
         self,
@@ -663,8 +693,7 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             )
 
         image_tokens = self.image_encoder(pixel_values)
-        lesion_boxes = mask_empty = lesion_embeds = None
-        cross_attentions = ()
+        lesion_boxes = mask_empty = lesion_tokens = None
         if self.config.use_lesion_branch:
             if lesion_pixel_values is not None:
                 check_pixel_values(lesion_pixel_values, "lesion_pixel_values")
@@ -674,18 +703,33 @@ class SkinDualNet(SkinLesionPreTrainedModel):
                         f"has {batch}."
                     )
             else:
-                if lesion_mask is None:
-                    lesion_mask = self.predict_lesion_mask(pixel_values)
-                else:
-                    lesion_mask = _check_mask(lesion_mask, "lesion_mask", pixel_values)
-                lesion_pixel_values, lesion_boxes, mask_empty = build_lesion_image(
-                    pixel_values,
-                    lesion_mask,
-                    self.config.lesion_mode,
-                    self.config.lesion_margin,
-                    self.config.min_lesion_fraction,
+                lesion_mask, lesion_pixel_values, lesion_boxes, mask_empty = self.lesion_inputs(
+                    pixel_values, lesion_mask
                 )
             lesion_tokens = self.lesion_branch(lesion_pixel_values)
+        outputs = self.classify_tokens(image_tokens, lesion_tokens, age, sex_ids, site_ids, labels, output_attentions)
+        outputs.lesion_mask = lesion_mask
+        outputs.lesion_pixel_values = lesion_pixel_values
+        outputs.lesion_boxes = lesion_boxes
+        outputs.mask_empty = mask_empty
+        return outputs
+
+    def classify_tokens(
+        self,
+        image_tokens: torch.Tensor,
+        lesion_tokens: torch.Tensor | None = None,
+        age: torch.Tensor | None = None,
+        sex_ids: torch.Tensor | None = None,
+        site_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> SkinDualNetOutput:
+        """Fusion, metadata and head on the branch tokens `(batch_size, tokens, fusion_dim)`: the part of `forward`
+        after the encoders (training on cached trunk features enters here)."""
+        batch = image_tokens.shape[0]
+        lesion_embeds = None
+        cross_attentions = ()
+        if self.config.use_lesion_branch:
             image_embeds, lesion_embeds, cross_attentions = self.fusion(image_tokens, lesion_tokens, output_attentions)
             parts = [image_embeds, lesion_embeds]
         else:
@@ -695,31 +739,32 @@ class SkinDualNet(SkinLesionPreTrainedModel):
         metadata_embeds = None
         if self.metadata_encoder is not None:
             if age is None:
-                age = pixel_values.new_full((batch,), float("nan"))
-            zeros = torch.zeros(batch, dtype=torch.long, device=pixel_values.device)
+                age = image_tokens.new_full((batch,), float("nan"))
+            zeros = torch.zeros(batch, dtype=torch.long, device=image_tokens.device)
             metadata_embeds = self.metadata_encoder(
-                age.to(pixel_values.dtype),
+                age.to(image_tokens.dtype),
                 sex_ids.long() if sex_ids is not None else zeros,
                 site_ids.long() if site_ids is not None else zeros,
             )
             parts.append(metadata_embeds)
 
-        logits = self.classifier(torch.cat(parts, dim=-1))
+        raw_logits = self.classifier(torch.cat(parts, dim=-1))
         loss = None
         if labels is not None:
-            weight = None
+            weight = adjusted = None
             if self.config.class_weights is not None:
-                weight = logits.new_tensor(self.config.class_weights, dtype=torch.float32)
+                weight = raw_logits.new_tensor(self.config.class_weights, dtype=torch.float32)
+            adjusted = raw_logits.float()
+            if self.config.logit_adjustment is not None:
+                adjusted = adjusted + adjusted.new_tensor(self.config.logit_adjustment)
             loss = F.cross_entropy(
-                logits.float(), labels.long(), weight=weight, label_smoothing=float(self.config.label_smoothing)
+                adjusted, labels.long(), weight=weight, label_smoothing=float(self.config.label_smoothing)
             )
+        # Temperature scaling (fitted after training, stored in the config) calibrates every entry point at once.
+        logits = raw_logits / self.config.temperature if self.config.temperature != 1.0 else raw_logits
         return SkinDualNetOutput(
             loss=loss,
             logits=logits,
-            lesion_mask=lesion_mask,
-            lesion_pixel_values=lesion_pixel_values,
-            lesion_boxes=lesion_boxes,
-            mask_empty=mask_empty,
             image_embeds=image_embeds,
             lesion_embeds=lesion_embeds,
             metadata_embeds=metadata_embeds,

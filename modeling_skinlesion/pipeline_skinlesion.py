@@ -151,9 +151,6 @@ class SkinLesionAnalyzer:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.image_processor = image_processor or SkinLesionImageProcessor.from_model_config(model.config)
-        segmenter_config = model.config.segmenter_config
-        self.segmenter_processor = SkinLesionImageProcessor.from_model_config(segmenter_config)
-        self.segmenter_processor.mask_threshold = segmenter_config.mask_threshold
         self.metadata_processor = SkinLesionMetadataProcessor.from_config(model.config)
         self.explainer = explainer if explainer is not None else make_explainer(method, explain_backend)
         self.autocast = autocast
@@ -248,20 +245,10 @@ class SkinLesionAnalyzer:
         ]
         arrays = [to_rgb_array(image, name) for image, name in zip(images, names)]
         pixel_values = self.image_processor.preprocess(arrays, return_tensors="pt")["pixel_values"]
-        segmenter_size = self.segmenter_processor.size
-        if (
-            segmenter_size == self.image_processor.size
-            and self.segmenter_processor.image_mean == self.image_processor.image_mean
-            and self.segmenter_processor.image_std == self.image_processor.image_std
-        ):
-            segmenter_pixel_values = pixel_values
-        else:
-            segmenter_pixel_values = self.segmenter_processor.preprocess(arrays, return_tensors="pt")["pixel_values"]
         parsed = [self.metadata_processor.normalize_record(record) for record in records]
         metadata = self.metadata_processor(records, batch_size=len(records))
         return {
             "pixel_values": pixel_values,
-            "segmenter_pixel_values": segmenter_pixel_values,
             "age": metadata["age"],
             "sex_ids": metadata["sex_ids"],
             "site_ids": metadata["site_ids"],
@@ -269,25 +256,21 @@ class SkinLesionAnalyzer:
             "metadata": parsed,
         }
 
-    def segment(self, segmenter_pixel_values: torch.Tensor) -> torch.Tensor:
-        """Binary lesion masks `(batch_size, 1, h, w)` (float, on the CPU) at the segmenter's resolution, cleaned with
-        `post_process_masks` unless `clean_masks=False`."""
-        segmenter = self.model.segmenter
-        with torch.inference_mode(), self._autocast(), preserved_model_state(segmenter):
-            logits = segmenter(pixel_values=self._to_device(segmenter_pixel_values)).logits.float().cpu()
-        if self.clean_masks:
-            masks = self.segmenter_processor.post_process_masks(logits)
-            return torch.from_numpy(np.stack(masks))[:, None].float()
-        return (logits.sigmoid() > self.segmenter_processor.mask_threshold).float()
+    def segment(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Binary lesion masks `(batch_size, 1, h, w)` (float, on the device) at the classifier's input size, from
+        the model's own mask path (`SkinDualNet.predict_lesion_mask`: segmenter, then largest component and holes
+        filled unless `clean_masks=False`), so the pipelines, evaluation and training see the same masks."""
+        with torch.inference_mode(), self._autocast(), preserved_model_state(self.model):
+            return self.model.predict_lesion_mask(pixel_values, clean=self.clean_masks).float()
 
     def run(
         self, batch: dict[str, Any], target_class: Any = None, explain: bool = True, explainer: Any = None
     ) -> dict[str, Any]:
         """Segment, classify and (with `explain`) compute the heatmaps of a prepared batch. Returns CPU tensors."""
         model = self.model
-        masks = self.segment(batch["segmenter_pixel_values"])
         pixel_values = self._to_device(batch["pixel_values"])
-        lesion_mask = self._to_device(_resize_masks(masks, tuple(pixel_values.shape[-2:])))
+        lesion_mask = self.segment(pixel_values)
+        masks = lesion_mask.cpu()
         metadata = {key: batch[key].to(self.device) for key in ("age", "sex_ids", "site_ids")}
         heatmaps: dict[str, torch.Tensor] = {}
         if explain:

@@ -78,6 +78,13 @@ class TrainingArguments:
     val_size: float = field(default=0.15, metadata={"help": "Share of the data (by lesion group) for validation."})
     test_size: float = field(default=0.0, metadata={"help": "Share held out as a test split (never trained on)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the grouped split (kept apart from --seed)."})
+    holdout_splits: str | None = field(
+        default=None,
+        metadata={
+            "help": "Another run's splits.json: its validation/test images (with their whole lesion groups) stay in "
+            "this run's validation/test split, so e.g. the segmenter never trains on the classifier's test lesions."
+        },
+    )
     epochs: int = field(default=10, metadata={"help": "Training epochs."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
@@ -270,13 +277,33 @@ def prepare_splits(
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     """Grouped split → optional caps → file check of the splits used in training → split ids written to
     `output_dir/splits.json` (so evaluation can rebuild the held-out split)."""
+    forced: dict[str, list[int]] = {"validation": [], "test": []}
+    if args.holdout_splits:
+        recorded = json.loads(Path(args.holdout_splits).read_text())
+        where = {image_id: name for name in forced for image_id in recorded.get(name, [])}
+        groups = column_values(dataset, "group_id")
+        group_split = {groups[i]: where[image_id] for i, image_id in enumerate(column_values(dataset, "image_id"))
+                       if image_id in where}  # fmt: skip
+        for index, group in enumerate(groups):
+            if group in group_split:
+                forced[group_split[group]].append(index)
+        logger.info(
+            f"--holdout-splits {args.holdout_splits}: {len(forced['validation'])} validation and "
+            f"{len(forced['test'])} test images kept out of training"
+        )
+    held = set(forced["validation"]) | set(forced["test"])
+    rest = dataset.select([i for i in range(len(dataset)) if i not in held]) if held else dataset
     splits = grouped_split(
-        dataset,
+        rest,
         val_size=args.val_size,
         test_size=args.test_size,
         seed=args.split_seed,
         stratify_column=stratify_column,
     )
+    for name, indices in forced.items():
+        if indices:
+            part = dataset.select(indices)
+            splits[name] = datasets.concatenate_datasets([splits[name], part]) if name in splits else part
     if len(splits["validation"]) == 0:
         raise ValueError("The validation split is empty; raise --val-size or add data.")
     for name, cap in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
@@ -435,9 +462,15 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
     return final
 
 
+def unwrap_pretrained(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The `PreTrainedModel` inside a prepared model (or inside the cached-features wrapper of `--frozen-stages`)."""
+    unwrapped = accelerator.unwrap_model(model)
+    return getattr(unwrapped, "model", unwrapped) if not hasattr(unwrapped, "save_pretrained") else unwrapped
+
+
 def save_best(accelerator: Accelerator, model: torch.nn.Module, directory: Path) -> None:
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(directory, safe_serialization=True)
+        unwrap_pretrained(accelerator, model).save_pretrained(directory, safe_serialization=True)
     accelerator.wait_for_everyone()
 
 
@@ -448,7 +481,7 @@ def load_best(accelerator: Accelerator, model: torch.nn.Module, directory: Path)
         return False
     from safetensors.torch import load_file
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_pretrained(accelerator, model)
     missing, unexpected = unwrapped.load_state_dict(load_file(str(path)), strict=False)
     # Tied or non-persistent entries may be absent from the file; anything else is a real mismatch.
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
@@ -534,6 +567,24 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, names:
 # --------------------------------------------------------------------------------------------------------------------
 # Output files
 # --------------------------------------------------------------------------------------------------------------------
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the negative log-likelihood of `softmax(logits / T)`
+    on held-out `labels`, by L-BFGS on log T."""
+    logits_t = torch.as_tensor(logits, dtype=torch.float64)
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits_t / log_t.exp(), labels_t)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().item())
+
+
 class SampleLog:
     """With --log-samples, one line `epoch<TAB>index<TAB>image_id` per training image, one file per process."""
 
@@ -626,20 +677,35 @@ def prepare_run(
     output_dir: Path,
     checkpoints_dir: Path,
     tracker: str,
+    dataloaders: tuple[Any, Any] | None = None,
 ) -> PreparedRun:
     """The part both training scripts share before their loops: data loaders, AdamW, `accelerator.prepare`, the
     cosine schedule, checkpoint registration, trackers (`--report-to`), resuming from `--resume`, the run summary in
-    the log, the per-sample log and the progress bar."""
-    train_dataloader = build_dataloader(
-        splits["train"], train_transform, args.batch_size, shuffle=True, num_workers=args.num_workers, seed=args.seed
-    )
-    eval_dataloader = build_dataloader(
-        splits["validation"], eval_transform, args.eval_batch_size or 2 * args.batch_size, num_workers=args.num_workers
-    )
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
+    the log, the per-sample log and the progress bar. `dataloaders` (train, validation) replaces the image loaders
+    with ready per-process ones (the cached features of `--frozen-stages`), which are not prepared again."""
+    if dataloaders is None:
+        train_dataloader = build_dataloader(
+            splits["train"],
+            train_transform,
+            args.batch_size,
+            shuffle=True,
+            num_workers=args.num_workers,
+            seed=args.seed,
+        )
+        eval_dataloader = build_dataloader(
+            splits["validation"],
+            eval_transform,
+            args.eval_batch_size or 2 * args.batch_size,
+            num_workers=args.num_workers,
+        )
+        optimizer = build_optimizer(model, args)
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, optimizer, train_dataloader, eval_dataloader
+        )
+    else:
+        train_dataloader, eval_dataloader = dataloaders
+        optimizer = build_optimizer(model, args)
+        model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch, max_steps, epochs = training_schedule(len(train_dataloader), args)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer,
@@ -715,7 +781,7 @@ def train_loop(
         loss_sum, loss_count, dropped = torch.zeros((), device=accelerator.device), 0, 0
         for batch in batches:
             dropped += len(batch["dropped"])
-            empty = batch["pixel_values"].shape[0] == 0
+            empty = len(batch["image_id"]) == 0
             if empty:
                 batch = blank_batch()
             run.samples.write(epoch, batch if not empty else {"image_id": []})

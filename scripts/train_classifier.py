@@ -28,6 +28,7 @@ from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _feature_cache as FC  # noqa: E402
 import _training as T  # noqa: E402
 
 from modeling_skinlesion import (  # noqa: E402
@@ -40,6 +41,9 @@ from modeling_skinlesion import (  # noqa: E402
 from modeling_skinlesion.data import (  # noqa: E402
     SkinLesionTransform,
     balanced_class_weights,
+    build_dataloader,
+    class_counts,
+    column_values,
     label_names,
 )
 
@@ -64,6 +68,27 @@ class ClassifierArguments(T.TrainingArguments):
     eval_masks: Literal["predicted", "ground_truth"] = field(
         default="predicted", metadata={"help": "Lesion masks for validation (predicted = as at inference)."}
     )
+    logit_adjustment: float = field(
+        default=0.0,
+        metadata={
+            "help": "Logit-adjusted loss: add TAU * log(train class prior) to the logits inside the loss (0 = off; 1 "
+            "is the usual value). Learns the rare classes without class weights; use with --class-weights none."
+        },
+    )
+    frozen_stages: int = field(
+        default=0,
+        metadata={
+            "help": "Freeze the stem and the first K stages of both trunks and train on their cached outputs "
+            "(EfficientNet-family trunks; 0 = train end to end). Makes CPU epochs several times cheaper."
+        },
+    )
+    cached_views: int = field(
+        default=2, metadata={"help": "With --frozen-stages: augmented views of each training image to cache."}
+    )
+    calibrate: bool = field(
+        default=True,
+        metadata={"help": "Fit a temperature on the validation split after training and store it in the config."},
+    )
 
 
 def lesion_masks(model, batch: dict, use_ground_truth: bool, accelerator: Accelerator) -> torch.Tensor | None:
@@ -78,42 +103,123 @@ def lesion_masks(model, batch: dict, use_ground_truth: bool, accelerator: Accele
     return torch.where(has_mask.view(-1, 1, 1, 1), batch["lesion_mask"], predicted)
 
 
+def image_forward(model, batch: dict, use_ground_truth: bool, accelerator: Accelerator, labels: bool = False):
+    """The classifier on a batch of images (masks as `lesion_masks` decides)."""
+    return model(
+        pixel_values=batch["pixel_values"],
+        age=batch["age"],
+        sex_ids=batch["sex_ids"],
+        site_ids=batch["site_ids"],
+        lesion_mask=lesion_masks(model, batch, use_ground_truth, accelerator),
+        labels=batch["labels"] if labels else None,
+    )
+
+
+def feature_forward(model, batch: dict, labels: bool = False):
+    """The classifier on a batch of cached frozen-trunk features (`--frozen-stages`)."""
+    return model(
+        image_features=batch["image_features"],
+        lesion_features=batch.get("lesion_features"),
+        age=batch["age"],
+        sex_ids=batch["sex_ids"],
+        site_ids=batch["site_ids"],
+        labels=batch["labels"] if labels else None,
+    )
+
+
 @torch.no_grad()
+def predict_logits(model, dataloader, accelerator: Accelerator, forward) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over the whole (sharded) dataloader, gathered across processes, each image once.
+    `forward(model, batch)` runs the model. Call `T.broadcast_buffers` first on a model that was trained with DDP."""
+    model = accelerator.unwrap_model(model)  # no DDP collectives inside forward: processes may have empty batches
+    model.eval()
+    indices, logits, labels = [], [], []
+    for batch in dataloader:
+        if len(batch["image_id"]) == 0:
+            continue
+        logits.append(forward(model, batch).logits.float())
+        indices.append(batch["index"])
+        labels.append(batch["labels"])
+    if not indices:
+        num_labels = T.unwrap_pretrained(accelerator, model).config.num_labels
+        logits = [torch.zeros(0, num_labels, device=accelerator.device)]
+        labels = [torch.zeros(0, dtype=torch.long, device=accelerator.device)]
+    _, logit, label = T.gather_by_index(accelerator, indices, logits, labels)
+    return logit, label
+
+
 def predict_probabilities(
     model, dataloader, accelerator: Accelerator, use_ground_truth: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and labels over the whole (sharded) dataloader, gathered across processes, each image
-    once. Call `T.broadcast_buffers` first on a model that was trained with DDP."""
-    model = accelerator.unwrap_model(model)  # no DDP collectives inside forward: processes may have empty batches
-    model.eval()
-    indices, probabilities, labels = [], [], []
-    for batch in dataloader:
-        if batch["pixel_values"].shape[0] == 0:
-            continue
-        logits = model(
-            pixel_values=batch["pixel_values"],
-            age=batch["age"],
-            sex_ids=batch["sex_ids"],
-            site_ids=batch["site_ids"],
-            lesion_mask=lesion_masks(model, batch, use_ground_truth, accelerator),
-        ).logits
-        indices.append(batch["index"])
-        probabilities.append(logits.float().softmax(-1))
-        labels.append(batch["labels"])
-    if not indices:
-        probabilities = [torch.zeros(0, model.config.num_labels, device=accelerator.device)]
-        labels = [torch.zeros(0, dtype=torch.long, device=accelerator.device)]
-    _, probability, label = T.gather_by_index(accelerator, indices, probabilities, labels)
-    return probability, label
+    """Class probabilities and labels of an image dataloader (see `predict_logits`)."""
+    logits, labels = predict_logits(
+        model, dataloader, accelerator, lambda m, batch: image_forward(m, batch, use_ground_truth, accelerator)
+    )
+    return torch.from_numpy(logits).softmax(-1).numpy(), labels
 
 
-def evaluate_classifier(model, dataloader, accelerator: Accelerator, use_ground_truth: bool) -> dict:
+def evaluate_classifier(model, dataloader, accelerator: Accelerator, forward) -> dict:
     """Validation scores over the whole (sharded) dataloader, gathered across processes, each image once."""
     T.broadcast_buffers(accelerator, model)
-    probability, label = predict_probabilities(model, dataloader, accelerator, use_ground_truth)
-    config = accelerator.unwrap_model(model).config
+    logits, label = predict_logits(model, dataloader, accelerator, forward)
+    config = T.unwrap_pretrained(accelerator, model).config
     names = [config.id2label[i] for i in range(config.num_labels)]
-    return T.classification_metrics(probability, label, names)
+    return T.classification_metrics(torch.from_numpy(logits).softmax(-1).numpy(), label, names)
+
+
+def cached_dataloaders(
+    accelerator: Accelerator, args: ClassifierArguments, model, splits, train_transform, eval_transform, output_dir
+):
+    """`--frozen-stages`: the frozen part's outputs for `--cached-views` training views and the validation split,
+    computed once (or read back from `output_dir/feature-cache`), as this process's training and validation loaders."""
+    model.to(accelerator.device)
+    batch_size = args.eval_batch_size or 2 * args.batch_size
+    main = accelerator.is_local_main_process
+    rank = accelerator.process_index
+    cache_dir = output_dir / "feature-cache"
+    train_images = accelerator.prepare(build_dataloader(splits["train"], train_transform, batch_size))
+    eval_images = accelerator.prepare(build_dataloader(splits["validation"], eval_transform, batch_size))
+    settings = {"seed": args.seed, "train_masks": args.train_masks, "size": model.config.image_size}
+    views = []
+    for view in range(args.cached_views):
+        train_transform.set_epoch(view)
+        key = FC.cache_key(
+            model, args.frozen_stages, column_values(splits["train"], "image_id"), {**settings, "view": view}
+        )
+        views.append(
+            FC.load_or_compute(
+                cache_dir / f"train-view{view}-rank{rank}.pt",
+                key,
+                lambda view=view: FC.compute_view(
+                    model,
+                    train_images,
+                    args.frozen_stages,
+                    lambda batch: lesion_masks(model, batch, args.train_masks == "ground_truth", accelerator),
+                    torch.float16,
+                    f"cache train view {view + 1}/{args.cached_views}",
+                    not main,
+                ),
+            )
+        )
+    train_transform.set_epoch(0)
+    key = FC.cache_key(
+        model, args.frozen_stages, column_values(splits["validation"], "image_id"), {"eval_masks": args.eval_masks}
+    )
+    eval_view = FC.load_or_compute(
+        cache_dir / f"validation-rank{rank}.pt",
+        key,
+        lambda: FC.compute_view(
+            model,
+            eval_images,
+            args.frozen_stages,
+            lambda batch: lesion_masks(model, batch, args.eval_masks == "ground_truth", accelerator),
+            torch.float32,
+            "cache validation",
+            not main,
+        ),
+    )
+    train = FC.CachedLoader(FC.CachedFeatures(views, train=True, seed=args.seed), args.batch_size, True, args.seed)
+    return train, FC.CachedLoader(FC.CachedFeatures([eval_view], train=False), batch_size, False, args.seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,47 +278,67 @@ def main(argv: list[str] | None = None) -> dict:
     metadata = SkinLesionMetadataProcessor.from_config(model.config)
     logger.info(f"Labels {names}, class weights {None if weights is None else [round(w, 3) for w in weights]}")
 
+    if args.logit_adjustment:
+        counts = np.maximum(np.asarray(class_counts(splits["train"]), dtype=np.float64), 1.0)
+        model.config.logit_adjustment = (args.logit_adjustment * np.log(counts / counts.sum())).tolist()
+    else:
+        model.config.logit_adjustment = None
+    model.config.temperature = 1.0  # fitted again after training (--calibrate)
+
     train_transform = SkinLesionTransform(processor, train=True, metadata_processor=metadata, seed=args.seed)
     eval_transform = SkinLesionTransform(processor, train=False, metadata_processor=metadata)
+    use_ground_truth = args.train_masks == "ground_truth"
+    eval_ground_truth = args.eval_masks == "ground_truth"
+    size = processor.size["height"], processor.size["width"]
+    loaders = None
+    if args.frozen_stages:
+        # Stage-1 recipe: freeze the early stages, cache their outputs, train the rest on them.
+        FC.freeze_stages(model, args.frozen_stages)
+        loaders = cached_dataloaders(accelerator, args, model, splits, train_transform, eval_transform, output_dir)
+        train_model = FC.SkinDualNetFromFeatures(model, args.frozen_stages)
+        first = FC.collate([loaders[0].dataset[0]])
+        blank = {key: torch.zeros_like(value) for key, value in first.items() if isinstance(value, torch.Tensor)}
+
+        def forward(model, batch, labels=False):
+            return feature_forward(model, T.move_to(batch, accelerator.device), labels)
+
+        def blank_batch() -> dict[str, torch.Tensor]:
+            return {key: value.to(accelerator.device) for key, value in blank.items()}
+
+        train_transform = loaders[0].dataset  # train_loop's set_epoch selects the cached view
+    else:
+        train_model = model
+
+        def forward(model, batch, labels=False):
+            return image_forward(model, batch, use_ground_truth if labels else eval_ground_truth, accelerator, labels)
+
+        def blank_batch() -> dict[str, torch.Tensor]:
+            device = accelerator.device
+            return {
+                "pixel_values": torch.zeros(1, 3, *size, device=device),
+                "lesion_mask": torch.zeros(1, 1, *size, device=device),
+                "has_mask": torch.ones(1, dtype=torch.bool, device=device),
+                "labels": torch.zeros(1, dtype=torch.long, device=device),
+                "age": torch.full((1,), float("nan"), device=device),
+                "sex_ids": torch.zeros(1, dtype=torch.long, device=device),
+                "site_ids": torch.zeros(1, dtype=torch.long, device=device),
+            }
+
     run = T.prepare_run(
         accelerator,
         args,
-        model,
+        train_model,
         splits,
         train_transform,
         eval_transform,
         output_dir,
         checkpoints_dir,
         tracker="skin-dualnet-classifier",
+        dataloaders=loaders,
     )
-    model, state = run.model, run.state
+    train_model, state = run.model, run.state
 
     # Train, validate every epoch, keep the best ----------------------------------------------------------------------
-    size = processor.size["height"], processor.size["width"]
-    use_ground_truth = args.train_masks == "ground_truth"
-
-    def blank_batch() -> dict[str, torch.Tensor]:
-        device = accelerator.device
-        return {
-            "pixel_values": torch.zeros(1, 3, *size, device=device),
-            "lesion_mask": torch.zeros(1, 1, *size, device=device),
-            "has_mask": torch.ones(1, dtype=torch.bool, device=device),
-            "labels": torch.zeros(1, dtype=torch.long, device=device),
-            "age": torch.full((1,), float("nan"), device=device),
-            "sex_ids": torch.zeros(1, dtype=torch.long, device=device),
-            "site_ids": torch.zeros(1, dtype=torch.long, device=device),
-        }
-
-    def compute_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(
-            pixel_values=batch["pixel_values"],
-            age=batch["age"],
-            sex_ids=batch["sex_ids"],
-            site_ids=batch["site_ids"],
-            lesion_mask=lesion_masks(model, batch, use_ground_truth, accelerator),
-            labels=batch["labels"],
-        ).loss
-
     T.train_loop(
         accelerator,
         args,
@@ -220,18 +346,34 @@ def main(argv: list[str] | None = None) -> dict:
         train_transform,
         checkpoints_dir,
         timer,
-        compute_loss=compute_loss,
-        evaluate=lambda model: evaluate_classifier(
-            model, run.eval_dataloader, accelerator, args.eval_masks == "ground_truth"
-        ),
+        compute_loss=lambda model, batch: forward(model, batch, labels=True).loss,
+        evaluate=lambda model: evaluate_classifier(model, run.eval_dataloader, accelerator, forward),
         blank_batch=blank_batch,
         best_key="balanced_accuracy",
         scores=SCORES,
     )
 
-    # Save the best model (segmenter included), its processor, metrics and a model card -------------------------------
+    # Temperature scaling on the validation split: stored in the config, so every entry point is calibrated -----------
     accelerator.wait_for_everyone()
-    T.load_best(accelerator, model, checkpoints_dir / "best_model")
+    T.load_best(accelerator, train_model, checkpoints_dir / "best_model")
+    calibration = None
+    if args.calibrate:
+        T.broadcast_buffers(accelerator, train_model)
+        logits, labels = predict_logits(train_model, run.eval_dataloader, accelerator, forward)
+        temperature = T.fit_temperature(logits, labels)
+        before = T.classification_metrics(torch.from_numpy(logits).softmax(-1).numpy(), labels, names)
+        after = T.classification_metrics(torch.from_numpy(logits / temperature).softmax(-1).numpy(), labels, names)
+        model.config.temperature = temperature
+        calibration = {
+            "temperature": temperature,
+            "split": "validation",
+            "ece_before": before["ece"],
+            "ece_after": after["ece"],
+            "balanced_accuracy": after["balanced_accuracy"],
+        }
+        logger.info(f"Temperature {temperature:.3f}: validation ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+
+    # Save the best model (segmenter included), its processor, metrics and a model card -------------------------------
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
     metrics = {
         "task": "classification",
@@ -241,13 +383,15 @@ def main(argv: list[str] | None = None) -> dict:
         "bad_files": bad_files,
         "labels": names,
         "class_weights": weights,
+        "logit_adjustment": model.config.logit_adjustment,
+        "calibration": calibration,
         "steps": state.completed_steps,
         "num_processes": accelerator.num_processes,
         "wall_time_s": timer.elapsed(),
         "args": vars(args),
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
+        model.save_pretrained(output_dir, safe_serialization=True)
         processor.save_pretrained(output_dir)
         T.write_json(output_dir / "metrics.json", metrics)
         T.write_model_card(output_dir, "skin-dualnet classifier (segmenter included)", args, split_summary, best)

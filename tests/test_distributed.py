@@ -44,10 +44,12 @@ if script == "segmenter":
     loader = build_dataloader(dataset, SkinLesionTransform(processor), batch_size=1)
     metrics = evaluate_segmenter(model, loader, accelerator)
 else:
-    from train_classifier import evaluate_classifier
+    from train_classifier import evaluate_classifier, image_forward
     metadata = SkinLesionMetadataProcessor.from_config(model.config)
     loader = build_dataloader(dataset, SkinLesionTransform(processor, metadata_processor=metadata), batch_size=1)
-    metrics = evaluate_classifier(model, loader, accelerator, use_ground_truth=False)
+    metrics = evaluate_classifier(
+        model, loader, accelerator, lambda m, batch: image_forward(m, batch, False, accelerator)
+    )
 print("METRICS " + json.dumps(metrics))
 """
 

