@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_skinlesion import SkinDualNetConfig, SkinLesionSegmenterConfig
@@ -31,12 +32,16 @@ class SkinLesionSegmenterOutput(ModelOutput):
         Binary cross-entropy plus soft Dice, weighted by the config.
     logits (`torch.Tensor` of shape `(batch_size, 1, height, width)`):
         Lesion logits at input resolution.
+    hidden_states (`tuple[torch.Tensor]`, *optional*, returned when `output_hidden_states=True`):
+        The encoder's five feature stages, shallowest first, each `(batch_size, channels_i, height / 2**i, width /
+        2**i)` for i = 1..5.
     attentions (`tuple[torch.Tensor]`, *optional*, returned when `output_attentions=True`):
         Spatial attention map of each Dual Attention Gate, deepest first, each `(batch_size, 1, h, w)`.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
@@ -46,7 +51,7 @@ class SkinDualNetOutput(ModelOutput):
     loss (`torch.Tensor` of shape `()`, *optional*, returned when `labels` is given):
         Class-weighted, label-smoothed cross-entropy.
     logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        Scores before softmax.
+        Scores before softmax, divided by `config.temperature` (calibrated when the temperature was fitted).
     lesion_mask (`torch.Tensor` of shape `(batch_size, 1, height, width)`, *optional*):
         Binary lesion mask used to build the lesion branch input (predicted by the segmenter unless given).
     lesion_pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`, *optional*):
@@ -59,7 +64,16 @@ class SkinDualNetOutput(ModelOutput):
         Pooled representations of each branch (`None` for a branch the config turns off).
     cross_attentions (`tuple[torch.Tensor]`, *optional*, returned when `output_attentions=True`):
         Per fusion layer, lesion-to-image then image-to-lesion attention weights, each
-        `(batch_size, query_tokens, key_tokens)` averaged over heads.
+        `(batch_size, fusion_heads, query_tokens, key_tokens)`.
+    attentions (`tuple[torch.Tensor]`, *optional*, returned when `output_attentions=True` and metadata is used):
+        Self-attention weights of each metadata transformer layer, `(batch_size, metadata_heads, 4, 4)` over the
+        [CLS], age, sex and site tokens.
+    image_hidden_states, lesion_hidden_states (`tuple[torch.Tensor]`, *optional*, returned when
+    `output_hidden_states=True`):
+        Each branch's trunk stage outputs (timm `forward_intermediates`), shallowest first,
+        `(batch_size, channels_i, h_i, w_i)`.
+    fusion_hidden_states (`tuple[torch.Tensor]`, *optional*, returned when `output_hidden_states=True`):
+        Per fusion layer, the lesion then the image tokens after it, each `(batch_size, tokens, fusion_dim)`.
     """
 
     loss: torch.Tensor | None = None
@@ -72,6 +86,10 @@ class SkinDualNetOutput(ModelOutput):
     lesion_embeds: torch.Tensor | None = None
     metadata_embeds: torch.Tensor | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: tuple[torch.Tensor, ...] | None = None
+    lesion_hidden_states: tuple[torch.Tensor, ...] | None = None
+    fusion_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -252,8 +270,14 @@ class SkinDualNetImageEncoder(nn.Module):
         grid = math.ceil(config.image_size / ENCODER_STRIDE)
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.fusion_dim, grid, grid))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.tokens(self.trunk.forward_features(pixel_values))
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Tokens `(batch_size, h * w, fusion_dim)` and, with `output_hidden_states`, the trunk's stage outputs."""
+        if output_hidden_states:
+            features, stages = self.trunk.forward_intermediates(pixel_values)
+            return self.tokens(features), tuple(stages)
+        return self.tokens(self.trunk.forward_features(pixel_values)), ()
 
     def tokens(self, trunk_features: torch.Tensor) -> torch.Tensor:
         """The trunk's last feature map `(batch_size, channels, h, w)` → tokens `(batch_size, h * w, fusion_dim)`."""
@@ -264,14 +288,53 @@ class SkinDualNetImageEncoder(nn.Module):
         return (features + position).flatten(2).transpose(1, 2)  # (batch, h * w, dim)
 
 
-class SkinDualNetCrossAttentionLayer(nn.Module):
+class SkinDualNetAttention(nn.Module):
+    """Multi-head attention with explicit q/k/v/o projections. `attn_implementation="sdpa"` runs
+    `torch.nn.functional.scaled_dot_product_attention`; `"eager"` computes the softmax itself and is used whenever the
+    per-head weights are asked for."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        attn_implementation: str = "sdpa",
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, dim = queries.shape
+
+        def heads(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, n, d)
+
+        query, key, value = heads(self.q_proj(queries)), heads(self.k_proj(context)), heads(self.v_proj(context))
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if attn_implementation == "eager" or output_attentions:
+            weights = (query @ key.transpose(-2, -1) / math.sqrt(self.head_dim)).softmax(-1)  # (batch, heads, q, k)
+            attended = F.dropout(weights, dropout, self.training) @ value
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+        attended = attended.transpose(1, 2).reshape(batch, length, dim)  # (batch, q, heads * head_dim)
+        return self.o_proj(attended), weights if output_attentions else None
+
+
+class SkinDualNetCrossAttentionLayer(GradientCheckpointingLayer):
     """Query tokens attend to context tokens: pre-norm multi-head attention and feed-forward, both residual."""
 
     def __init__(self, dim: int, heads: int, ffn_ratio: float, dropout: float):
         super().__init__()
         self.query_norm = nn.LayerNorm(dim)
         self.context_norm = nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.attention = SkinDualNetAttention(dim, heads, dropout)
         self.mlp_norm = nn.LayerNorm(dim)
         hidden = int(dim * ffn_ratio)
         self.mlp = nn.Sequential(
@@ -280,11 +343,14 @@ class SkinDualNetCrossAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, queries: torch.Tensor, context: torch.Tensor, need_weights: bool = False
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        attn_implementation: str = "sdpa",
+        output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        context = self.context_norm(context)
         attended, weights = self.attention(
-            self.query_norm(queries), context, context, need_weights=need_weights, average_attn_weights=True
+            self.query_norm(queries), self.context_norm(context), attn_implementation, output_attentions
         )
         hidden_states = queries + self.dropout(attended)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states)), weights
@@ -306,16 +372,51 @@ class SkinDualNetFusion(nn.Module):
         self.lesion_norm = nn.LayerNorm(config.fusion_dim)
 
     def forward(
-        self, image_tokens: torch.Tensor, lesion_tokens: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        attentions = []
+        self,
+        image_tokens: torch.Tensor,
+        lesion_tokens: torch.Tensor,
+        attn_implementation: str = "sdpa",
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        attentions, hidden_states = [], []
         for lesion_layer, image_layer in zip(self.lesion_to_image, self.image_to_lesion):
-            new_lesion, lesion_weights = lesion_layer(lesion_tokens, image_tokens, output_attentions)
-            new_image, image_weights = image_layer(image_tokens, lesion_tokens, output_attentions)
+            new_lesion, lesion_weights = lesion_layer(
+                lesion_tokens, image_tokens, attn_implementation, output_attentions
+            )
+            new_image, image_weights = image_layer(image_tokens, lesion_tokens, attn_implementation, output_attentions)
             image_tokens, lesion_tokens = new_image, new_lesion
             if output_attentions:
                 attentions.extend([lesion_weights, image_weights])
-        return self.image_norm(image_tokens).mean(1), self.lesion_norm(lesion_tokens).mean(1), tuple(attentions)
+            if output_hidden_states:
+                hidden_states.extend([lesion_tokens, image_tokens])
+        image_embeds = self.image_norm(image_tokens).mean(1)
+        return image_embeds, self.lesion_norm(lesion_tokens).mean(1), tuple(attentions), tuple(hidden_states)
+
+
+class SkinDualNetMetadataLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer encoder layer (self-attention, GELU feed-forward), laid out like
+    `nn.TransformerEncoderLayer(norm_first=True)` so older checkpoints map onto it."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = SkinDualNetAttention(dim, heads, dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(
+        self, tokens: torch.Tensor, attn_implementation: str = "sdpa", output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        normed = self.norm1(tokens)
+        attended, weights = self.self_attn(normed, normed, attn_implementation, output_attentions)
+        tokens = tokens + self.dropout1(attended)
+        tokens = tokens + self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(tokens))))))
+        return tokens, weights
 
 
 class SkinDualNetMetadataEncoder(nn.Module):
@@ -334,20 +435,21 @@ class SkinDualNetMetadataEncoder(nn.Module):
         self.site_embeddings = nn.Embedding(len(config.site_vocab), dim)
         self.field_embeddings = nn.Parameter(torch.zeros(1, 4, dim))
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                dim,
-                config.metadata_heads,
-                int(dim * config.fusion_ffn_ratio),
-                config.fusion_dropout,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
+            SkinDualNetMetadataLayer(
+                dim, config.metadata_heads, int(dim * config.fusion_ffn_ratio), config.fusion_dropout
             )
             for _ in range(config.metadata_layers)
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, age: torch.Tensor, sex_ids: torch.Tensor, site_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        age: torch.Tensor,
+        sex_ids: torch.Tensor,
+        site_ids: torch.Tensor,
+        attn_implementation: str = "sdpa",
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         age_missing = torch.isnan(age)
         if self.training and self.field_dropout > 0:
             # Randomly hide fields so the model learns to predict with any subset of them.
@@ -367,9 +469,39 @@ class SkinDualNetMetadataEncoder(nn.Module):
             dim=1,
         )  # (batch, 4, dim)
         tokens = tokens + self.field_embeddings
+        attentions = []
         for layer in self.layers:
-            tokens = layer(tokens)
-        return self.norm(tokens[:, 0])
+            tokens, weights = layer(tokens, attn_implementation, output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+        return self.norm(tokens[:, 0]), tuple(attentions)
+
+
+def _register_legacy_attention_layout() -> None:
+    """Checkpoints saved before the attention layers had explicit q/k/v/o projections hold `nn.MultiheadAttention`'s
+    fused `in_proj_weight`/`in_proj_bias` and `out_proj`: split and rename them on load (same outputs)."""
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
+    except ImportError:  # an older transformers without conversion mappings: old checkpoints need converting by hand
+        return
+    mapping = [
+        WeightConverter(
+            source_patterns="in_proj_weight",
+            target_patterns=["q_proj.weight", "k_proj.weight", "v_proj.weight"],
+            operations=[Chunk(dim=0)],
+        ),
+        WeightConverter(
+            source_patterns="in_proj_bias",
+            target_patterns=["q_proj.bias", "k_proj.bias", "v_proj.bias"],
+            operations=[Chunk(dim=0)],
+        ),
+        WeightRenaming(source_patterns=r"\.out_proj\.", target_patterns=".o_proj."),
+    ]
+    register_checkpoint_conversion_mapping("SkinDualNet", mapping, overwrite=True)
+
+
+_register_legacy_attention_layout()
 
 
 def create_timm_trunk(name: str, pretrained: bool = False, features_only: bool = False) -> nn.Module:
@@ -378,6 +510,7 @@ def create_timm_trunk(name: str, pretrained: bool = False, features_only: bool =
     trunk = timm.create_model(name, pretrained=pretrained, **kwargs)
     for module in trunk.modules():
         module._skinlesion_timm = True
+    trunk._skinlesion_trunk = True
     return trunk
 
 
@@ -445,14 +578,65 @@ class SkinLesionPreTrainedModel(PreTrainedModel):
     base_model_prefix = "skinlesion"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # Blocks accelerate's `device_map` must keep on one device (a residual block's parts read each other's outputs).
+    _no_split_modules = [
+        "SkinDualNetCrossAttentionLayer",
+        "SkinDualNetMetadataLayer",
+        "SkinLesionASPP",
+        "SkinLesionDecoderBlock",
+    ]
     _extra_auto_classes: tuple[str, ...] = ()
+
+    def _output_options(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """The forward's `output_attentions` / `output_hidden_states` / `return_dict`, defaulting to the config's."""
+        config = self.config
+        return (
+            bool(output_attentions if output_attentions is not None else config.output_attentions),
+            bool(output_hidden_states if output_hidden_states is not None else config.output_hidden_states),
+            bool(return_dict if return_dict is not None else config.return_dict),
+        )
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        """Our transformer layers through transformers' checkpointing layer, timm trunks through their own
+        `set_grad_checkpointing`."""
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._gradient_checkpointing_func = gradient_checkpointing_func
+                module.gradient_checkpointing = enable
+            elif getattr(module, "_skinlesion_trunk", False) and hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(enable)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # timm trunks keep their own initialisation (or their loaded weights); the default init would re-draw
-        # every conv from N(0, 0.02) and collapse the trunk's activations.
+        # timm trunk modules get timm's own (EfficientNet "goog") initialisation: the transformers default would
+        # re-draw every conv from N(0, 0.02) and collapse the trunk's activations, and skipping them would leave a
+        # trunk that a checkpoint lacks as uninitialised memory. transformers only calls this for missing weights.
         if getattr(module, "_skinlesion_timm", False):
+            if isinstance(module, nn.Conv2d):
+                # Group-aware fan-out, so depthwise convolutions keep unit-scale activations.
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.weight.shape[0])
+                nn.init.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+                if module.running_mean is not None:
+                    module.running_mean.zero_()
+                    module.running_var.fill_(1.0)
+                    module.num_batches_tracked.zero_()
             return
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -471,9 +655,6 @@ class SkinLesionPreTrainedModel(PreTrainedModel):
                 module.num_batches_tracked.zero_()
         elif isinstance(module, nn.Embedding):
             nn.init.trunc_normal_(module.weight, std=0.02)
-        elif isinstance(module, nn.MultiheadAttention):
-            nn.init.xavier_uniform_(module.in_proj_weight)
-            nn.init.zeros_(module.in_proj_bias)
         elif isinstance(module, SkinDualNetImageEncoder):
             nn.init.trunc_normal_(module.position_embeddings, std=0.02)
         elif isinstance(module, SkinDualNetMetadataEncoder):
@@ -481,6 +662,8 @@ class SkinLesionPreTrainedModel(PreTrainedModel):
                 nn.init.trunc_normal_(parameter, std=0.02)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        # Write the q/k/v/o layout, not the pre-SDPA `nn.MultiheadAttention` one that the load-time conversion reads.
+        kwargs.setdefault("save_original_format", False)
         # `register_for_auto_class` records one auto class; add the other heads this model serves.
         if self._auto_class is not None:
             module = self.__class__.__module__.split(".")[-1]
@@ -522,10 +705,11 @@ class SkinLesionSegmenter(SkinLesionPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> SkinLesionSegmenterOutput:
+    ) -> SkinLesionSegmenterOutput | tuple:
         r"""
         pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`):
             Normalised images.
@@ -533,6 +717,9 @@ class SkinLesionSegmenter(SkinLesionPreTrainedModel):
             Ground-truth lesion masks with values in [0, 1].
         """
         check_pixel_values(pixel_values)
+        output_attentions, output_hidden_states, return_dict = self._output_options(
+            output_attentions, output_hidden_states, return_dict
+        )
         if labels is not None:
             labels = _check_mask(labels, "labels", pixel_values)
         features = self.encoder(pixel_values)
@@ -542,9 +729,13 @@ class SkinLesionSegmenter(SkinLesionPreTrainedModel):
         loss = None
         if labels is not None:
             loss = segmentation_loss(logits, labels, self.config.bce_weight, self.config.dice_weight)
-        return SkinLesionSegmenterOutput(
-            loss=loss, logits=logits, attentions=attentions if output_attentions else None
+        outputs = SkinLesionSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(features) if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
         )
+        return outputs if return_dict else outputs.to_tuple()
 
 
 def segmentation_loss(
@@ -661,10 +852,11 @@ class SkinDualNet(SkinLesionPreTrainedModel):
         lesion_mask: torch.Tensor | None = None,
         lesion_pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> SkinDualNetOutput:
+    ) -> SkinDualNetOutput | tuple:
         r"""
         pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`):
             Normalised images.
@@ -692,8 +884,12 @@ class SkinDualNet(SkinLesionPreTrainedModel):
                 f"the labels are {self.config.id2label}."
             )
 
-        image_tokens = self.image_encoder(pixel_values)
+        output_attentions, output_hidden_states, return_dict = self._output_options(
+            output_attentions, output_hidden_states, return_dict
+        )
+        image_tokens, image_stages = self.image_encoder(pixel_values, output_hidden_states)
         lesion_boxes = mask_empty = lesion_tokens = None
+        lesion_stages = ()
         if self.config.use_lesion_branch:
             if lesion_pixel_values is not None:
                 check_pixel_values(lesion_pixel_values, "lesion_pixel_values")
@@ -706,13 +902,18 @@ class SkinDualNet(SkinLesionPreTrainedModel):
                 lesion_mask, lesion_pixel_values, lesion_boxes, mask_empty = self.lesion_inputs(
                     pixel_values, lesion_mask
                 )
-            lesion_tokens = self.lesion_branch(lesion_pixel_values)
-        outputs = self.classify_tokens(image_tokens, lesion_tokens, age, sex_ids, site_ids, labels, output_attentions)
+            lesion_tokens, lesion_stages = self.lesion_branch(lesion_pixel_values, output_hidden_states)
+        outputs = self.classify_tokens(
+            image_tokens, lesion_tokens, age, sex_ids, site_ids, labels, output_attentions, output_hidden_states
+        )
         outputs.lesion_mask = lesion_mask
         outputs.lesion_pixel_values = lesion_pixel_values
         outputs.lesion_boxes = lesion_boxes
         outputs.mask_empty = mask_empty
-        return outputs
+        if output_hidden_states:
+            outputs.image_hidden_states = image_stages
+            outputs.lesion_hidden_states = lesion_stages if self.config.use_lesion_branch else None
+        return outputs if return_dict else outputs.to_tuple()
 
     def classify_tokens(
         self,
@@ -723,14 +924,18 @@ class SkinDualNet(SkinLesionPreTrainedModel):
         site_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> SkinDualNetOutput:
         """Fusion, metadata and head on the branch tokens `(batch_size, tokens, fusion_dim)`: the part of `forward`
         after the encoders (training on cached trunk features enters here)."""
         batch = image_tokens.shape[0]
+        attn_implementation = self.config._attn_implementation or "sdpa"
         lesion_embeds = None
-        cross_attentions = ()
+        cross_attentions = fusion_states = metadata_attentions = ()
         if self.config.use_lesion_branch:
-            image_embeds, lesion_embeds, cross_attentions = self.fusion(image_tokens, lesion_tokens, output_attentions)
+            image_embeds, lesion_embeds, cross_attentions, fusion_states = self.fusion(
+                image_tokens, lesion_tokens, attn_implementation, output_attentions, output_hidden_states
+            )
             parts = [image_embeds, lesion_embeds]
         else:
             image_embeds = self.image_norm(image_tokens).mean(1)
@@ -741,10 +946,12 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             if age is None:
                 age = image_tokens.new_full((batch,), float("nan"))
             zeros = torch.zeros(batch, dtype=torch.long, device=image_tokens.device)
-            metadata_embeds = self.metadata_encoder(
+            metadata_embeds, metadata_attentions = self.metadata_encoder(
                 age.to(image_tokens.dtype),
                 sex_ids.long() if sex_ids is not None else zeros,
                 site_ids.long() if site_ids is not None else zeros,
+                attn_implementation,
+                output_attentions,
             )
             parts.append(metadata_embeds)
 
@@ -769,6 +976,8 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             lesion_embeds=lesion_embeds,
             metadata_embeds=metadata_embeds,
             cross_attentions=cross_attentions if output_attentions else None,
+            attentions=metadata_attentions if output_attentions and self.metadata_encoder is not None else None,
+            fusion_hidden_states=fusion_states if output_hidden_states else None,
         )
 
 

@@ -1,10 +1,14 @@
-"""The README's main command: train DEMO weights on the bundled sample, export them, and launch the Space on them.
+"""The README's main command: launch the Space on the shipped checkpoint (or on a model you name, or on demo weights
+it trains first).
 
-    bash scripts/run.sh demo                       # train (first run only), export to outputs/demo-model, launch
-    bash scripts/run.sh demo org/skin-dualnet      # skip training: launch the Space on a Hub id or a local folder
-    python scripts/demo.py --no-launch             # train and export only
+    bash scripts/run.sh demo                       # the shipped checkpoint, checkpoints/skin-dualnet-small
+    bash scripts/run.sh demo path/to/model         # a local folder (or a Hub id, online)
+    bash scripts/run.sh demo --train-demo          # train demo weights (first run only), export, launch
+    python scripts/demo.py --no-launch             # check that the model loads, do not launch
 
-With no model argument it
+With no model argument the Space serves `checkpoints/skin-dualnet-small`, the release checkpoint in this repository
+(trained on HAM10000 / ISIC 2017 on a CPU; its model card gives its test-split numbers). `--train-demo` is a check of
+the training pipeline instead: it
 1. trains the tiny segmenter preset, then the tiny classifier preset around it, with the project's training scripts
    (`scripts/train_segmenter.py`, `scripts/train_classifier.py`) on the bundled 314-image HAM10000 sample
    (`scripts/demo_data/ham10000-sample`, CC BY-NC 4.0), with fixed small budgets (a few minutes on 2 CPU cores);
@@ -12,8 +16,8 @@ With no model argument it
    demo weights and gives the validation numbers, also written to `demo_run.json` (the marker of a complete export);
 3. launches the Gradio Space (`space/app.py`) on that folder at http://127.0.0.1:7860.
 
-Re-runs reuse a complete `outputs/demo-model` (pass `--retrain` to train again). The weights are a demonstration of
-the software, trained on a few hundred small images: they are not a usable model for anything.
+Re-runs reuse a complete `outputs/demo-model` (pass `--retrain` to train again). Those weights are a demonstration of
+the training software, trained on a few hundred small images: they are not a usable model for anything.
 """
 
 import argparse
@@ -29,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
 SPACE = REPO_ROOT / "space"
 SAMPLE = SCRIPTS / "demo_data" / "ham10000-sample"
+SHIPPED_MODEL = REPO_ROOT / "checkpoints" / "skin-dualnet-small"
 SEGMENTER_PRESET = REPO_ROOT / "configuration" / "segmenter-tiny.json"
 CLASSIFIER_PRESET = REPO_ROOT / "configuration" / "skin-dualnet-tiny.json"
 DEMO_REPO_ID = "org/skin-dualnet-demo"
@@ -46,7 +51,15 @@ DEMO_NOTICE = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "model", nargs="?", default=None, help="Hub id or local model folder: skip training and launch on it."
+        "model",
+        nargs="?",
+        default=None,
+        help=f"Hub id or local model folder to serve (default: the shipped {SHIPPED_MODEL.relative_to(REPO_ROOT)}).",
+    )
+    parser.add_argument(
+        "--train-demo",
+        action="store_true",
+        help="Train tiny demo weights on the bundled sample (checks the training pipeline), export and serve them.",
     )
     parser.add_argument(
         "--output-dir",
@@ -68,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="Train again even if a complete export exists.")
-    parser.add_argument("--no-launch", action="store_true", help="Train and export (or check the model) only.")
+    parser.add_argument("--no-launch", action="store_true", help="Check the model loads (train/export it) only.")
     parser.add_argument("--host", default="127.0.0.1", help="Interface the Space listens on.")
     parser.add_argument("--port", type=int, default=7860, help="Port of the Space.")
     args = parser.parse_args(argv)
@@ -79,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--classifier-lr must be positive, got {args.classifier_lr}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.train_demo and args.model is not None:
+        parser.error("give a model to serve or --train-demo, not both")
     if args.work_dir is None:
         args.work_dir = args.output_dir.with_name(args.output_dir.name + "-runs")
     return args
@@ -238,15 +253,20 @@ def launch(model: str, host: str, port: int, demo_record: dict[str, Any] | None)
             *describe(demo_record),
         )
     if not loaded.ok:
-        print(f"WARNING: the model {model!r} could not be loaded ({loaded.error}); the page will say so.", flush=True)
+        raise SystemExit(
+            f"The model {model!r} could not be loaded ({loaded.error.splitlines()[0]}); not launching a Space that "
+            f"cannot predict. Serve the shipped checkpoint ({SHIPPED_MODEL.relative_to(REPO_ROOT)}) or a local folder."
+        )
+    if not demo_record:
+        banner(f"Serving {model}", "Research software, not a medical device.", *loaded.test_summary.splitlines())
     print(f"Space on http://{host}:{port}  (model: {model}; Ctrl+C to stop)", flush=True)
     app.build(model).launch(server_name=host, server_port=port, **app.launch_options())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model is not None:
-        model = args.model
+    if not args.train_demo:
+        model = args.model or str(SHIPPED_MODEL)
         marker = Path(model) / MARKER
         record = json.loads(marker.read_text()) if marker.is_file() else None
     else:
@@ -258,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             record = train_and_export(args)
         banner(f"Demo model ready in {args.output_dir}:", *describe(record))
     if args.no_launch:
-        if args.model is not None:  # check that the Space can load it
+        if not args.train_demo:  # check that the Space can load it
             sys.path.insert(0, str(SPACE))
             import app
 

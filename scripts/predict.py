@@ -1,7 +1,7 @@
 """Analyse dermoscopic images with a skin-dualnet checkpoint: lesion mask, class probabilities, Grad-CAM heatmaps of
 both encoders and their lesion-focus scores.
 
-    python scripts/predict.py IMAGE_OR_FOLDER --model MODEL --out DIR [--age A] [--sex S] [--site SITE]
+    python scripts/predict.py IMAGE_OR_FOLDER --out DIR [--model MODEL] [--age A] [--sex S] [--site SITE]
         [--metadata-csv FILE] [--batch-size N] [--method gradcam] [--backend auto] [--target-class NAME]
 
 For each image it writes `DIR/<image stem>/`:
@@ -35,6 +35,7 @@ from modeling_skinlesion.pipeline_skinlesion import SkinLesionAnalyzer
 
 logger = logging.getLogger("predict")
 
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "skin-dualnet-small"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 CSV_ID_COLUMNS = ("image_id", "image", "isic_id", "file", "filename")
 
@@ -45,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Research use only: not a medical device.",
     )
     parser.add_argument("input", type=Path, help="An image file, or a folder of images (not searched recursively).")
-    parser.add_argument("--model", required=True, help="A skin-dualnet classifier folder or Hub id.")
+    parser.add_argument(
+        "--model",
+        default=str(SHIPPED_MODEL),
+        help="A skin-dualnet classifier folder or Hub id (default: the shipped checkpoints/skin-dualnet-small).",
+    )
     parser.add_argument("--out", required=True, type=Path, help="Output folder; one sub-folder per image.")
     parser.add_argument("--age", type=float, help="Patient age in years (applies to every image).")
     parser.add_argument("--sex", help="Patient sex: male / female (applies to every image).")

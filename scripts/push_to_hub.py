@@ -13,6 +13,10 @@ The folder holds everything a user needs with `transformers` alone:
     # then, online, with a token (--token, $HF_TOKEN or `hf auth login`):
     python scripts/push_to_hub.py ... --push --repo-id org/skin-dualnet
 
+    # the shipped release checkpoint, uploaded exactly as it is in the repository:
+    python scripts/push_to_hub.py --model-path checkpoints/skin-dualnet-small \
+        --output-dir checkpoints/skin-dualnet-small --push --repo-id org/skin-dualnet
+
 The training sets (which decide the card's licence) and the scores come from the metrics.json a training or
 fine-tuning run saved next to its model, unless `--datasets` / `--metrics-file` name them. Options take dashes or
 underscores (`--model-path` = `--model_path`).
@@ -27,8 +31,10 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import huggingface_hub
+import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModel, HfArgumentParser
@@ -41,7 +47,8 @@ logger = logging.getLogger("push_to_hub")
 EXIT_BAD_INPUT = 1
 EXIT_NO_NETWORK = 2
 # Files this script writes; removed first when re-exporting into the same folder, so no stale file survives.
-EXPORT_PATTERNS = ("config.json", "preprocessor_config.json", "README.md", "*.safetensors", "*.safetensors.index.json")
+EXPORT_PATTERNS = ("config.json", "preprocessor_config.json", "README.md", "metrics.json", "*.safetensors")
+EXPORT_PATTERNS += ("*.safetensors.index.json",)
 
 
 @dataclass
@@ -70,6 +77,13 @@ class ExportArguments:
     )
     license: str | None = field(
         default=None, metadata={"help": "Licence id for the card (default: from the training data)."}
+    )
+    storage_dtype: Literal["float32", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the floating-point tensors in model.safetensors. float16 halves the download; "
+            "the config keeps dtype float32, so from_pretrained restores float32 weights."
+        },
     )
     push: bool = field(default=False, metadata={"help": "Upload the folder to `repo_id` after writing it."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: $HF_TOKEN or the cached login)."})
@@ -119,6 +133,18 @@ def load_processor(model_path: str, config) -> SkinLesionImageProcessor:
     except OSError:
         logger.info("No preprocessor_config.json with the model; building the processor from its config.")
         return SkinLesionImageProcessor.from_model_config(config)
+
+
+def store_half_precision(path: Path) -> None:
+    """Rewrite a safetensors file with its float32 tensors as float16 (integers, e.g. BatchNorm counters, kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    half = {key: t.half() if t.dtype == torch.float32 else t for key, t in tensors.items()}
+    save_file(half, str(path), metadata=metadata)
 
 
 def check_export(output_dir: Path) -> list[str]:
@@ -177,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
+    if output_dir.is_dir() and Path(args.model_path).resolve() == output_dir.resolve():
+        # An existing export (e.g. the shipped checkpoints/skin-dualnet-small): check it and upload it unchanged.
+        try:
+            files = check_export(output_dir)
+        except (RuntimeError, OSError, ValueError) as error:
+            logger.error("%s is not a complete export: %s", output_dir, error)
+            return EXIT_BAD_INPUT
+        logger.info("%s is a complete export (%s); uploading it as it is", output_dir, ", ".join(files))
+        return upload(output_dir, args) if args.push else 0
     try:
         record_file = find_training_record(args.model_path)
         record = load_metrics(record_file) if record_file else {}
@@ -209,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
+    if args.storage_dtype == "float16":
+        store_half_precision(output_dir / "model.safetensors")
+    if metrics_file:
+        # The numbers of the card, machine-readable beside it (the tests compare the card with this file).
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_model_card(
         output_dir,
         model.config,

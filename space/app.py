@@ -1,7 +1,9 @@
 """skin-dualnet research demo: lesion mask, class probabilities and Grad-CAM for both branches.
 
-The model comes from `SKIN_DUALNET_MODEL` (a Hub id or a local folder; default `org/skin-dualnet`) and is loaded once
-per process through its remote code (`trust_remote_code=True`), so the Space needs no copy of this project's package.
+The model comes from `SKIN_DUALNET_MODEL` (a Hub id or a local folder); by default the release checkpoint shipped in
+the repository (`checkpoints/skin-dualnet-small`) when the app runs from a clone, else the Hub repo `org/skin-dualnet`
+(the id the release is published under). It is loaded once per process through its remote code
+(`trust_remote_code=True`), so the Space needs no copy of this project's package.
 
     SKIN_DUALNET_MODEL=outputs/demo-model python space/app.py --port 7860
 
@@ -32,6 +34,7 @@ logger = logging.getLogger("skin_dualnet_space")
 
 MODEL_ENV = "SKIN_DUALNET_MODEL"
 DEFAULT_MODEL = "org/skin-dualnet"
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "skin-dualnet-small"
 TASK = "skin-lesion-analysis"
 # Dermoscopy images are at most ~25 MP; anything far larger is refused before it is decoded. PIL raises a
 # DecompressionBombError itself above twice this limit, even for code paths that bypass `read_image`.
@@ -71,6 +74,7 @@ class LoadedModel:
     sex_choices: list[str] = field(default_factory=lambda: [UNKNOWN])
     site_choices: list[str] = field(default_factory=lambda: [UNKNOWN])
     training_data: str = "unknown"
+    test_summary: str = ""
 
     @property
     def ok(self) -> bool:
@@ -82,23 +86,60 @@ _MODELS_LOCK = threading.Lock()
 
 
 def model_source(source: str | None = None) -> str:
-    """The model to serve: `source`, else `$SKIN_DUALNET_MODEL`, else the default Hub id."""
-    return source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    """The model to serve: `source`, else `$SKIN_DUALNET_MODEL`, else the shipped checkpoint of a clone, else the
+    default Hub id."""
+    if source or os.environ.get(MODEL_ENV):
+        return source or os.environ[MODEL_ENV]
+    return str(SHIPPED_MODEL) if (SHIPPED_MODEL / "config.json").is_file() else DEFAULT_MODEL
+
+
+def _model_file(source: str, name: str) -> Path | None:
+    """A file of a local model folder, or of a Hub repo when it can be fetched."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(source, name))
+    except Exception as error:  # offline, private repo, no such file
+        logger.info("No %s for %s: %s", name, source, error)
+        return None
+
+
+def describe_test_results(source: str) -> str:
+    """The checkpoint's held-out test numbers (its `metrics.json` from `scripts/release_report.py`), one Markdown line
+    each; empty when the checkpoint has none."""
+    import json
+
+    path = _model_file(source, "metrics.json")
+    if path is None:
+        return ""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    if "per_class" not in metrics or "test_images" not in metrics:
+        return ""
+
+    def interval(key: str) -> str:
+        low_high = (metrics.get("intervals_95") or {}).get(key)
+        return f" [95 % CI {low_high[0]:.2f}–{low_high[1]:.2f}]" if low_high else ""
+
+    lines = [
+        f"Held-out test split ({metrics['test_images']} images, {metrics['test_lesions']} lesions, split by lesion):",
+        f"balanced accuracy {metrics['balanced_accuracy']:.3f}{interval('balanced_accuracy')}, "
+        f"macro AUC {metrics['macro_auc']:.3f}{interval('macro_auc')}, "
+        f"melanoma sensitivity {metrics['melanoma_sensitivity']:.3f}{interval('melanoma_sensitivity')}, "
+        f"ECE {metrics['ece']:.3f} (calibrated).",
+    ]
+    return "\n".join(lines)
 
 
 def _model_card_text(source: str) -> str | None:
     """The model card (`README.md`) of a local folder, or of a Hub repo when it can be fetched."""
-    folder = Path(source)
-    if folder.is_dir():
-        card = folder / "README.md"
-        return card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(source, "README.md")).read_text(encoding="utf-8", errors="replace")
-    except Exception as error:  # offline, private repo, no card: the page then says "unknown"
-        logger.info("No model card for %s: %s", source, error)
-        return None
+    card = _model_file(source, "README.md")
+    return card.read_text(encoding="utf-8", errors="replace") if card is not None else None
 
 
 def describe_training_data(source: str, config: Any = None) -> str:
@@ -142,6 +183,7 @@ def load_model(source: str) -> LoadedModel:
         sex_choices=list(config.sex_vocab),
         site_choices=list(config.site_vocab),
         training_data=describe_training_data(source, config),
+        test_summary=describe_test_results(source),
     )
 
 
@@ -396,7 +438,8 @@ def model_status(model: LoadedModel) -> str:
         )
     return (
         f"**Model:** `{model.source}` — classes: {', '.join(model.labels)}\n\n"
-        f"**What these weights were trained on:**\n\n{model.training_data}"
+        + (f"**How it scored:** {model.test_summary}\n\n" if model.test_summary else "")
+        + f"**What these weights were trained on:**\n\n{model.training_data}"
     )
 
 

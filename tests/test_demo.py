@@ -87,7 +87,7 @@ def run_demo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_export(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     output = tmp_path_factory.mktemp("demo") / "demo-model"
-    result = run_demo("--output-dir", str(output), "--max-steps", "2", "--no-launch")
+    result = run_demo("--train-demo", "--output-dir", str(output), "--max-steps", "2", "--no-launch")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result
 
@@ -131,7 +131,7 @@ def test_demo_export_serves_the_space(demo_export):
 def test_demo_reuses_a_complete_export_and_checks_a_given_model(demo_export, tmp_path):
     output, _ = demo_export
     stamp = (output / "model.safetensors").stat().st_mtime_ns
-    again = run_demo("--output-dir", str(output), "--no-launch", timeout=120)
+    again = run_demo("--train-demo", "--output-dir", str(output), "--no-launch", timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Reusing the demo weights" in again.stdout and "train_segmenter.py" not in again.stdout
     assert (output / "model.safetensors").stat().st_mtime_ns == stamp
@@ -153,7 +153,7 @@ def test_demo_launches_the_space_and_says_these_are_demo_weights(demo_export, tm
     log = (tmp_path / "demo.log").open("w+")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen(
-        [sys.executable, str(DEMO), "--output-dir", str(output), "--port", str(port)],
+        [sys.executable, str(DEMO), "--train-demo", "--output-dir", str(output), "--port", str(port)],
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -120,6 +120,94 @@ class ModelTesterMixin:
         generic = AutoModel.from_pretrained(tmp_path).eval()
         assert type(generic) is self.model_class
 
+    def test_checkpoint_missing_a_trunk_loads_initialised_weights(self, tmp_path):
+        """A checkpoint without one trunk's weights: the missing keys are reported and get timm's initialisation (not
+        uninitialised memory), so the logits are finite and deterministic and the trunk's features are alive."""
+        from safetensors.torch import load_file, save_file
+
+        model, config = self.make_model()
+        model.save_pretrained(tmp_path)
+        weights = load_file(tmp_path / "model.safetensors")
+        prefix = self.trunks(model)[-1][0] + "."
+        kept = {key: value for key, value in weights.items() if not key.startswith(prefix)}
+        assert len(kept) < len(weights)
+        save_file(kept, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+        reloaded, info = self.auto_class.from_pretrained(tmp_path, output_loading_info=True)
+        reloaded.eval()
+        missing = [key for key in info["missing_keys"] if not key.endswith("num_batches_tracked")]
+        assert missing and all(key.startswith(prefix) for key in missing), missing[:5]
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            first, second = reloaded(**inputs).logits, reloaded(**inputs).logits
+        assert torch.isfinite(first).all() and torch.equal(first, second)
+        trunk = dict(self.trunks(reloaded))[prefix[:-1]]
+        with torch.no_grad():
+            features = trunk(inputs["pixel_values"])
+            features = features[-1] if isinstance(features, list) else trunk.forward_features(inputs["pixel_values"])
+        assert torch.isfinite(features).all() and features.std() > 1e-2
+
+    def test_return_dict_false_gives_the_same_values_as_a_tuple(self):
+        model, config = self.make_model()
+        model.eval()
+        inputs = self.make_inputs(config, with_labels=True)
+        with torch.no_grad():
+            as_dict = model(**inputs)
+            as_tuple = model(**inputs, return_dict=False)
+            model.config.return_dict = False
+            from_config = model(**inputs)
+        expected = [value for value in as_dict.values() if value is not None]
+        for values in (as_tuple, from_config):
+            assert isinstance(values, tuple) and len(values) == len(expected)
+            for got, want in zip(values, expected):
+                if isinstance(want, torch.Tensor):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def test_output_attentions_and_hidden_states_follow_the_config(self):
+        model, config = self.make_model()
+        model.eval()
+        with torch.no_grad():
+            assert model(**self.make_inputs(config)).attentions is None
+            model.config._attn_implementation = "eager"  # transformers allows config.output_attentions with eager only
+            model.config.output_attentions = True
+            model.config.output_hidden_states = True
+            outputs = model(**self.make_inputs(config))
+            assert outputs.attentions is not None and len(outputs.attentions) > 0
+            assert any(name.endswith("hidden_states") and value for name, value in outputs.items())
+            overridden = model(**self.make_inputs(config), output_attentions=False, output_hidden_states=False)
+        assert overridden.attentions is None
+        assert not any(name.endswith("hidden_states") for name, value in overridden.items() if value is not None)
+
+    def test_device_map_auto_with_cpu_and_disk_offload_gives_the_same_logits(self, tmp_path):
+        model, config = self.make_model()
+        model.eval().save_pretrained(tmp_path / "model")
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        offloaded = self.auto_class.from_pretrained(
+            tmp_path / "model", device_map="auto", max_memory={"cpu": size // 3}, offload_folder=tmp_path / "offload"
+        ).eval()
+        assert "disk" in set(offloaded.hf_device_map.values()), offloaded.hf_device_map
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+
+    def test_gradient_checkpointing_gives_the_same_gradients(self):
+        model, config = self.make_model()
+        model.train()
+        inputs = self.make_inputs(config, with_labels=True)
+
+        def gradients() -> dict[str, torch.Tensor]:
+            model.zero_grad()
+            torch.manual_seed(0)
+            model(**inputs).loss.backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        plain = gradients()
+        model.gradient_checkpointing_enable()
+        assert all(trunk.grad_checkpointing for _, trunk in self.trunks(model) if hasattr(trunk, "grad_checkpointing"))
+        checkpointed = gradients()
+        assert plain.keys() == checkpointed.keys() and plain
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
     @pytest.mark.slow
     def test_remote_code_load_without_package(self, tmp_path):
         model, config = self.make_model()
@@ -219,7 +307,10 @@ class TestClassifier(ModelTesterMixin):
         assert outputs.lesion_boxes.shape == (BATCH, 4) and outputs.mask_empty.shape == (BATCH,)
 
     def trunks(self, model):
-        return [("image_encoder", model.image_encoder.trunk), ("lesion_encoder", model.lesion_encoder.trunk)]
+        return [
+            ("image_encoder.trunk", model.image_encoder.trunk),
+            ("lesion_encoder.trunk", model.lesion_encoder.trunk),
+        ]
 
     def test_segmenter_is_frozen_and_used_without_mask(self):
         model, config = self.make_model()
@@ -240,8 +331,59 @@ class TestClassifier(ModelTesterMixin):
         tokens = (config.image_size // 32) ** 2
         assert len(outputs.cross_attentions) == 2 * config.fusion_layers
         for weights in outputs.cross_attentions:
-            assert weights.shape == (BATCH, tokens, tokens)
-            torch.testing.assert_close(weights.sum(-1), torch.ones(BATCH, tokens))
+            assert weights.shape == (BATCH, config.fusion_heads, tokens, tokens)
+            torch.testing.assert_close(weights.sum(-1), torch.ones(BATCH, config.fusion_heads, tokens))
+        assert [w.shape for w in outputs.attentions] == [(BATCH, config.metadata_heads, 4, 4)] * config.metadata_layers
+
+    def test_hidden_states_of_both_branches_and_the_fusion(self):
+        model, config = self.make_model()
+        with torch.no_grad():
+            plain = model.eval()(**self.make_inputs(config))
+            outputs = model(**self.make_inputs(config), output_hidden_states=True)
+        torch.testing.assert_close(outputs.logits, plain.logits)  # the intermediates path gives the same features
+        expected = [info["num_chs"] for info in model.image_encoder.trunk.feature_info]
+        for states in (outputs.image_hidden_states, outputs.lesion_hidden_states):
+            assert [s.shape[1] for s in states] == expected and all(s.shape[0] == BATCH for s in states)
+        assert len(outputs.fusion_hidden_states) == 2 * config.fusion_layers
+        tokens = (config.image_size // 32) ** 2
+        assert all(s.shape == (BATCH, tokens, config.fusion_dim) for s in outputs.fusion_hidden_states)
+
+    def test_sdpa_is_the_default_and_eager_gives_the_same_logits(self, tmp_path):
+        model, config = self.make_model()
+        model.save_pretrained(tmp_path)
+        sdpa = sl.SkinDualNet.from_pretrained(tmp_path).eval()
+        eager = sl.SkinDualNet.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            torch.testing.assert_close(sdpa(**inputs).logits, eager(**inputs).logits, rtol=1e-5, atol=1e-6)
+
+    def test_checkpoints_with_the_multihead_attention_layout_load_with_identical_outputs(self, tmp_path):
+        """Weights saved before the q/k/v/o projections (nn.MultiheadAttention: fused in_proj, out_proj) are split
+        and renamed on load; saving again writes the new layout."""
+        from safetensors.torch import load_file, save_file
+
+        model, config = self.make_model()
+        model.eval().save_pretrained(tmp_path)
+        weights = load_file(tmp_path / "model.safetensors")
+        legacy = {}
+        for key, value in weights.items():
+            if ".q_proj." in key:
+                parts = [weights[key.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"]
+                legacy[key.replace("q_proj.", "in_proj_")] = torch.cat(parts)
+            elif ".k_proj." in key or ".v_proj." in key:
+                continue
+            else:
+                legacy[key.replace(".o_proj.", ".out_proj.")] = value
+        assert any("in_proj_weight" in key for key in legacy) and any(".out_proj." in key for key in legacy)
+        save_file(legacy, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+        reloaded, info = sl.SkinDualNet.from_pretrained(tmp_path, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.eval()(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+        reloaded.save_pretrained(tmp_path / "again")
+        assert not any("in_proj" in key for key in load_file(tmp_path / "again" / "model.safetensors"))
 
     def test_image_only_and_partial_metadata(self):
         model, config = self.make_model()

@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Score a classifier checkpoint on its held-out test split through the analysis pipeline, for its model card.
+
+    python scripts/release_report.py --model checkpoints/skin-dualnet-small \
+        --data-root ../shared/data/ham10000 --splits-file runs/release/classifier/splits.json \
+        --training-metrics runs/release/classifier/metrics.json --output runs/release/test_report.json
+
+Every test image goes through `pipeline("skin-lesion-analysis")` (image file + its metadata, `explain=False`): the
+served path, with the model's own lesion masks and its calibrated probabilities. The report holds, on the test split:
+accuracy, balanced accuracy, macro AUC and ECE with lesion-clustered bootstrap 95 % intervals (all images of a lesion
+resampled together); per-class sensitivity, specificity, AUC and support; melanoma sensitivity and specificity at the
+default decision (argmax); ECE before (temperature 1) and after temperature scaling; the same scores per subgroup
+(sex, age band, anatomical site; groups with fewer than `--min-group` images or fewer than two classes are marked too
+small to judge); and the served masks' Dice / Jaccard / thresholded Jaccard against the HAM10000 reference masks.
+`scripts/push_to_hub.py --metrics-file` puts it in the model card.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
+RECIPE_STAGES = ("splits", "segmenter", "classifier", "eval-segmenter", "eval-segmenter-isic2017")
+AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, ">=75"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Classifier folder (or Hub id) to score.")
+    parser.add_argument("--data-root", required=True, help="HAM10000 folder (images, masks, metadata CSV).")
+    parser.add_argument("--splits-file", required=True, help="The training run's splits.json (its `test` ids).")
+    parser.add_argument("--training-metrics", help="The training run's metrics.json (recipe, wall time, validation).")
+    parser.add_argument(
+        "--segmenter-metrics",
+        action="append",
+        default=[],
+        help="NAME=FILE: a scripts/evaluate.py metrics.json of the nested segmenter to show under NAME (repeatable).",
+    )
+    parser.add_argument(
+        "--recipe-dir",
+        help="Runs folder of scripts/train_release.sh: each stage's command and wall time go in the report.",
+    )
+    parser.add_argument("--output", required=True, help="Where to write the report JSON.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass.")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="Lesion bootstrap resamples.")
+    parser.add_argument("--min-group", type=int, default=50, help="Smallest subgroup that is scored.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+    return parser.parse_args(argv)
+
+
+def age_band(age: float | None) -> str:
+    if age is None or not np.isfinite(age):
+        return "unknown"
+    return next(name for low, high, name in AGE_BANDS if low <= age < high)
+
+
+def bootstrap(
+    probabilities: np.ndarray, labels: np.ndarray, groups: list[str], score: Any, resamples: int, seed: int
+) -> dict[str, list[float]]:
+    """95 % percentile intervals of each entry of `score(p, y)` over lesion-clustered resamples."""
+    rng = np.random.default_rng(seed)
+    names = sorted(set(groups))
+    members = {name: [] for name in names}
+    for i, group in enumerate(groups):
+        members[group].append(i)
+    values: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        picked = rng.integers(len(names), size=len(names))
+        rows = np.concatenate([members[names[j]] for j in picked])
+        for key, value in score(probabilities[rows], labels[rows]).items():
+            if value is not None:
+                values.setdefault(key, []).append(value)
+    return {key: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for key, v in values.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    import torch
+    from transformers import pipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _training as T
+
+    from modeling_skinlesion.data import column_values, load_ham10000
+
+    start = time.time()
+    test_ids = set(json.loads(Path(args.splits_file).read_text())["test"])
+    dataset = load_ham10000(args.data_root, masks=True)
+    rows = [i for i, image_id in enumerate(column_values(dataset, "image_id")) if image_id in test_ids]
+    if len(rows) != len(test_ids):
+        raise ValueError(f"{len(test_ids) - len(rows)} test ids of {args.splits_file} are not in {args.data_root}.")
+    test = dataset.select(rows)
+    analyse = pipeline("skin-lesion-analysis", model=args.model, trust_remote_code=True)
+    config = analyse.model.config
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    label_names = test.features["label"].names
+    remap = np.array([names.index(name) for name in label_names])
+
+    probabilities, labels, groups, ids, records, masks = [], [], [], [], [], []
+    for start_row in range(0, len(test), args.batch_size):
+        batch = test[start_row : start_row + args.batch_size]
+        inputs = [
+            {"image": image, "metadata": {"age": age, "sex": sex, "site": site}}
+            for image, age, sex, site in zip(batch["image"], batch["age"], batch["sex"], batch["site"])
+        ]
+        results = analyse(inputs, explain=False, batch_size=args.batch_size)
+        for result, label, group, image_id, age, sex, site, reference in zip(
+            results,
+            batch["label"],
+            batch["group_id"],
+            batch["image_id"],
+            batch["age"],
+            batch["sex"],
+            batch["site"],
+            batch["mask"],
+        ):
+            probabilities.append([result["probabilities"][name] for name in names])
+            labels.append(int(remap[label]))
+            groups.append(group)
+            ids.append(image_id)
+            records.append({"sex": sex or "unknown", "age_band": age_band(age), "site": site or "unknown"})
+            masks.append((result["mask"], np.asarray(reference.convert("L")) > 127))
+        logger.info(f"{len(ids)}/{len(test)} test images")
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+
+    overall = T.classification_metrics(probabilities, labels, names)
+    # The probabilities were divided by the stored temperature: multiplying log p by it gives the uncalibrated ones.
+    temperature = float(config.temperature)
+    uncalibrated = torch.from_numpy(np.log(np.clip(probabilities, 1e-12, 1)) * temperature).softmax(-1).numpy()
+    before = T.classification_metrics(uncalibrated, labels, names)
+
+    def score(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        predicted = p.argmax(1)
+        present = np.unique(y)
+        mel = names.index("mel") if "mel" in names else None
+        values = {
+            "accuracy": float((predicted == y).mean()),
+            "balanced_accuracy": float(np.mean([(predicted[y == k] == k).mean() for k in present])),
+        }
+        if mel is not None and (y == mel).any():
+            values["melanoma_sensitivity"] = float((predicted[y == mel] == mel).mean())
+        return values
+
+    intervals = bootstrap(probabilities, labels, groups, score, args.bootstrap, args.seed)
+    auc_intervals = bootstrap(
+        probabilities,
+        labels,
+        groups,
+        lambda p, y: {"macro_auc": T.classification_metrics(p, y, names)["macro_auc"]} if len(set(y)) > 1 else {},
+        max(args.bootstrap // 10, 100),
+        args.seed,
+    )
+    intervals.update(auc_intervals)
+
+    subgroups: dict[str, dict[str, Any]] = {}
+    for field in ("sex", "age_band", "site"):
+        values = sorted({record[field] for record in records})
+        subgroups[field] = {}
+        for value in values:
+            member = np.array([record[field] == value for record in records])
+            y = labels[member]
+            entry: dict[str, Any] = {"images": int(member.sum()), "classes": int(len(set(y.tolist())))}
+            if member.sum() < args.min_group or len(set(y.tolist())) < 2:
+                entry["too_small"] = True
+            else:
+                scores = T.classification_metrics(probabilities[member], y, names)
+                entry.update({key: scores[key] for key in ("accuracy", "balanced_accuracy", "macro_auc")})
+                mel = names.index("mel")
+                if (y == mel).sum() >= 10:
+                    entry["melanoma_sensitivity"] = scores["per_class_sensitivity"]["mel"]
+                    entry["melanoma_images"] = int((y == mel).sum())
+            subgroups[field][value] = entry
+
+    segmentation = T.segmentation_metrics(
+        np.array([m for m, _ in masks], dtype=object), np.array([r for _, r in masks], dtype=object)
+    )
+    training = json.loads(Path(args.training_metrics).read_text()) if args.training_metrics else {}
+    segmenter = {}
+    for pair in args.segmenter_metrics:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--segmenter-metrics takes NAME=FILE, got {pair!r}.")
+        evaluated = json.loads(Path(path).read_text())
+        counted = evaluated.get("num_images", evaluated.get("num_samples"))
+        segmenter[name] = {**evaluated["metrics"], "num_samples": counted}
+    recipe = []
+    if args.recipe_dir:
+        for stage in RECIPE_STAGES:
+            folder = Path(args.recipe_dir) / stage
+            if (folder / "command.txt").is_file() and (folder / "wall_seconds.txt").is_file():
+                recipe.append(
+                    {
+                        "stage": stage,
+                        "command": (folder / "command.txt").read_text().strip(),
+                        "wall_time_s": int((folder / "wall_seconds.txt").read_text().strip()),
+                    }
+                )
+    support = {name: int((labels == k).sum()) for k, name in enumerate(names)}
+    report = {
+        "task": "classification",
+        "split": "test",
+        "path": "pipeline('skin-lesion-analysis'), explain=False: image file + metadata, the model's own masks",
+        "model": str(args.model),
+        "datasets": ["HAM10000"],
+        "test_images": len(ids),
+        "test_lesions": len(set(groups)),
+        **{key: overall[key] for key in SCORES},
+        "intervals_95": intervals,
+        "per_class": {
+            name: {
+                "support": support[name],
+                "sensitivity": overall["per_class_sensitivity"][name],
+                "specificity": overall["per_class_specificity"][name],
+                "auc": overall["per_class_auc"][name],
+            }
+            for name in names
+        },
+        "melanoma_sensitivity": overall["per_class_sensitivity"]["mel"],
+        "melanoma_specificity": overall["per_class_specificity"]["mel"],
+        "predicted_classes": sorted({names[k] for k in probabilities.argmax(1)}),
+        "calibration": {
+            "temperature": temperature,
+            "fitted_on": "validation split",
+            "test_ece_before": before["ece"],
+            "test_ece_after": overall["ece"],
+            "validation": training.get("calibration"),
+        },
+        "subgroups": subgroups,
+        "served_masks_vs_reference": {
+            key: segmentation[key] for key in ("dice", "jaccard", "thresholded_jaccard") if key in segmentation
+        },
+        "segmenter": segmenter,
+        "recipe": recipe,
+        "training": {
+            "wall_time_s": training.get("wall_time_s"),
+            "split": training.get("split"),
+            "best_epoch": (training.get("best") or {}).get("epoch"),
+            "args": training.get("args"),
+        },
+        "report_wall_time_s": round(time.time() - start, 1),
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    logger.info(
+        "test: balanced accuracy %.4f, macro AUC %.4f, ECE %.4f (before temperature %.4f), melanoma sensitivity %.3f;"
+        " wrote %s",
+        report["balanced_accuracy"],
+        report["macro_auc"],
+        report["ece"],
+        before["ece"],
+        report["melanoma_sensitivity"],
+        args.output,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
