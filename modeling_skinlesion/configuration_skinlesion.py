@@ -202,6 +202,9 @@ class SkinDualNetConfig(PreTrainedConfig):
         Per-class offsets added to the logits inside the training loss only (logit-adjusted loss, Menon et al.
         2021: `tau * log(class prior)`), so the returned logits rank classes as if they were balanced and the rare
         classes are learned without class weights.
+    logit_bias (`list[float]`, *optional*):
+        Per-class offsets added to the returned logits before the temperature (post-hoc logit adjustment fitted on the
+        validation split: `-tau * log(class prior)` with the `tau` that maximises validation balanced accuracy).
     temperature (`float`, *optional*, defaults to 1.0):
         The returned logits are divided by it: a temperature fitted on the validation split (temperature scaling)
         makes every entry point return calibrated probabilities. 1.0 = not calibrated.
@@ -242,6 +245,7 @@ class SkinDualNetConfig(PreTrainedConfig):
     class_weights: list[float] | None = None
     label_smoothing: float | int = 0.1
     logit_adjustment: list[float] | None = None
+    logit_bias: list[float] | None = None
     temperature: float | int = 1.0
     gradcam_target_layer: str | None = None
     image_mean: list[float] | tuple[float, ...] = tuple(IMAGENET_MEAN)
@@ -297,6 +301,10 @@ class SkinDualNetConfig(PreTrainedConfig):
         if self.logit_adjustment is not None and len(self.logit_adjustment) != self.num_labels:
             raise ValueError(
                 f"`logit_adjustment` must hold {self.num_labels} numbers (one per label), got {self.logit_adjustment}."
+            )
+        if self.logit_bias is not None and len(self.logit_bias) != self.num_labels:
+            raise ValueError(
+                f"`logit_bias` must hold {self.num_labels} numbers (one per label), got {self.logit_bias}."
             )
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be positive, got {self.temperature}.")

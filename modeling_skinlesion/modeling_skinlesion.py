@@ -51,7 +51,8 @@ class SkinDualNetOutput(ModelOutput):
     loss (`torch.Tensor` of shape `()`, *optional*, returned when `labels` is given):
         Class-weighted, label-smoothed cross-entropy.
     logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        Scores before softmax, divided by `config.temperature` (calibrated when the temperature was fitted).
+        Scores before softmax, plus `config.logit_bias` and divided by `config.temperature` (calibrated when those
+        were fitted).
     lesion_mask (`torch.Tensor` of shape `(batch_size, 1, height, width)`, *optional*):
         Binary lesion mask used to build the lesion branch input (predicted by the segmenter unless given).
     lesion_pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`, *optional*):
@@ -967,8 +968,12 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             loss = F.cross_entropy(
                 adjusted, labels.long(), weight=weight, label_smoothing=float(self.config.label_smoothing)
             )
-        # Temperature scaling (fitted after training, stored in the config) calibrates every entry point at once.
-        logits = raw_logits / self.config.temperature if self.config.temperature != 1.0 else raw_logits
+        # The post-hoc bias and the temperature (fitted after training, in the config) apply at every entry point.
+        logits = raw_logits
+        if self.config.logit_bias is not None:
+            logits = logits + logits.new_tensor(self.config.logit_bias)
+        if self.config.temperature != 1.0:
+            logits = logits / self.config.temperature
         return SkinDualNetOutput(
             loss=loss,
             logits=logits,

@@ -85,6 +85,13 @@ class ClassifierArguments(T.TrainingArguments):
     cached_views: int = field(
         default=2, metadata={"help": "With --frozen-stages: augmented views of each training image to cache."}
     )
+    tune_logit_bias: bool = field(
+        default=False,
+        metadata={
+            "help": "Before the temperature, fit a post-hoc logit adjustment -TAU * log(train class prior) on the "
+            "validation split (TAU on a grid, best validation balanced accuracy) and store it as config.logit_bias."
+        },
+    )
     calibrate: bool = field(
         default=True,
         metadata={"help": "Fit a temperature on the validation split after training and store it in the config."},
@@ -165,6 +172,45 @@ def evaluate_classifier(model, dataloader, accelerator: Accelerator, forward) ->
     config = T.unwrap_pretrained(accelerator, model).config
     names = [config.id2label[i] for i in range(config.num_labels)]
     return T.classification_metrics(torch.from_numpy(logits).softmax(-1).numpy(), label, names)
+
+
+def fit_calibration(
+    config, logits: np.ndarray, labels: np.ndarray, train_counts: list[int], tune_logit_bias: bool, calibrate: bool
+) -> dict:
+    """Fit on held-out (validation) logits, in this order, and store in `config`: the post-hoc logit adjustment
+    `-tau * log(train prior)` with the tau (grid -1..1) of best balanced accuracy (`config.logit_bias`), then the
+    temperature of least negative log-likelihood (`config.temperature`). Returns what was fitted and the scores."""
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    report: dict = {"split": "validation"}
+    before = T.classification_metrics(torch.from_numpy(logits).softmax(-1).numpy(), labels, names)
+    config.logit_bias = None
+    if tune_logit_bias:
+        counts = np.maximum(np.asarray(train_counts, dtype=np.float64), 1.0)
+        log_prior = np.log(counts / counts.sum())
+        present = np.unique(labels)
+        scores = {}
+        for tau in np.round(np.arange(-1.0, 1.01, 0.1), 2):
+            predicted = (logits - tau * log_prior).argmax(1)
+            scores[float(tau)] = float(np.mean([(predicted[labels == k] == k).mean() for k in present]))
+        tau = max(scores, key=lambda t: (scores[t], -abs(t)))  # ties: the smallest change
+        config.logit_bias = (-tau * log_prior).tolist()
+        logits = logits + np.asarray(config.logit_bias)
+        report.update(logit_bias_tau=tau, balanced_accuracy_by_tau=scores)
+        logger.info(
+            f"Post-hoc logit adjustment tau {tau}: validation balanced accuracy {scores[0.0]:.4f} -> {scores[tau]:.4f}"
+        )
+    temperature = T.fit_temperature(logits, labels) if calibrate else 1.0
+    after = T.classification_metrics(torch.from_numpy(logits / temperature).softmax(-1).numpy(), labels, names)
+    config.temperature = temperature
+    report.update(
+        temperature=temperature,
+        ece_before=before["ece"],
+        ece_after=after["ece"],
+        balanced_accuracy_before=before["balanced_accuracy"],
+        balanced_accuracy=after["balanced_accuracy"],
+    )
+    logger.info(f"Temperature {temperature:.3f}: validation ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+    return report
 
 
 def cached_dataloaders(
@@ -284,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model.config.logit_adjustment = None
     model.config.temperature = 1.0  # fitted again after training (--calibrate)
+    model.config.logit_bias = None  # likewise (--tune-logit-bias)
 
     train_transform = SkinLesionTransform(processor, train=True, metadata_processor=metadata, seed=args.seed)
     eval_transform = SkinLesionTransform(processor, train=False, metadata_processor=metadata)
@@ -357,23 +404,13 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     T.load_best(accelerator, train_model, checkpoints_dir / "best_model")
     calibration = None
-    if args.calibrate:
+    if args.calibrate or args.tune_logit_bias:
         T.broadcast_buffers(accelerator, train_model)
         logits, labels = predict_logits(train_model, run.eval_dataloader, accelerator, forward)
-        temperature = T.fit_temperature(logits, labels)
-        before = T.classification_metrics(torch.from_numpy(logits).softmax(-1).numpy(), labels, names)
-        after = T.classification_metrics(torch.from_numpy(logits / temperature).softmax(-1).numpy(), labels, names)
-        model.config.temperature = temperature
-        calibration = {
-            "temperature": temperature,
-            "split": "validation",
-            "ece_before": before["ece"],
-            "ece_after": after["ece"],
-            "balanced_accuracy": after["balanced_accuracy"],
-        }
-        logger.info(f"Temperature {temperature:.3f}: validation ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+        calibration = fit_calibration(
+            model.config, logits, labels, class_counts(splits["train"]), args.tune_logit_bias, args.calibrate
+        )
 
-    # Save the best model (segmenter included), its processor, metrics and a model card -------------------------------
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
     metrics = {
         "task": "classification",

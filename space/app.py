@@ -44,7 +44,9 @@ MIN_SIDE = 32
 MAX_FILE_SIZE = "10mb"
 MAX_AGE = 120
 CONCURRENCY_LIMIT = 2
-QUEUE_SIZE = 16
+# Waiting requests beyond the ones running; a burst of up to this many visitors is queued (each sees its place in
+# the queue), the next ones are refused with gradio's "queue is full" message.
+QUEUE_SIZE = 128
 TOP_K = 5
 DISPLAY_SIDE = 256
 OUTPUT_IMAGES = ("mask_overlay", "lesion_image", "gradcam_image_branch", "gradcam_lesion_branch")
@@ -449,7 +451,9 @@ def build(source: str | None = None) -> gr.Blocks:
     sex_choices = [UNKNOWN] + [s for s in model.sex_choices if s != UNKNOWN]
     site_choices = [UNKNOWN] + [s for s in model.site_choices if s != UNKNOWN]
 
-    def analyse(image: dict | None, age: float | None, sex: str | None, site: str | None) -> tuple:
+    def analyse(
+        image: dict | None, age: float | None = None, sex: str | None = UNKNOWN, site: str | None = UNKNOWN
+    ) -> tuple:
         # The event runs with `preprocess=False`: the upload arrives as gradio's file record (already checked to lie
         # in the upload folder) and is decoded only by `read_image`, whose size check precedes any pixel decoding.
         path = image.get("path") if isinstance(image, dict) else image
@@ -465,8 +469,14 @@ def build(source: str | None = None) -> gr.Blocks:
                 image = gr.Image(
                     type="filepath", label="Dermoscopic image", sources=["upload", "clipboard"], elem_id="image"
                 )
+                # No starting value: an untouched box is a missing age (0 would be used as a real age).
                 age = gr.Number(
-                    label="Age in years (optional)", minimum=0, maximum=MAX_AGE, precision=0, elem_id="age"
+                    value=None,
+                    label="Age in years (optional)",
+                    minimum=0,
+                    maximum=MAX_AGE,
+                    precision=0,
+                    elem_id="age",
                 )
                 sex = gr.Dropdown(sex_choices, value=UNKNOWN, label="Sex (optional)", elem_id="sex")
                 site = gr.Dropdown(site_choices, value=UNKNOWN, label="Anatomical site (optional)", elem_id="site")
