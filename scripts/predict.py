@@ -4,7 +4,8 @@ both encoders and their lesion-focus scores.
     python scripts/predict.py IMAGE_OR_FOLDER --out DIR [--model MODEL] [--age A] [--sex S] [--site SITE]
         [--metadata-csv FILE] [--batch-size N] [--method gradcam] [--backend auto] [--target-class NAME]
 
-For each image it writes `DIR/<image stem>/`:
+It writes `DIR/summary.csv` (one row per image, appended as results arrive: file, predicted label, score, each class's
+probability, lesion focus per branch, mask empty, metadata used) and, for each image, `DIR/<image stem>/`:
 - `result.json`: `probabilities` (label -> probability), `predicted_label`, `score`, `target_label` (the class the
   heatmaps explain), `lesion_focus` (per branch: share of the heatmap inside the lesion mask; null for an all-zero
   heatmap), `mask_empty` (the segmenter found no lesion and the lesion branch saw the whole image), `mask_fraction`,
@@ -178,6 +179,35 @@ def write_result(result: dict[str, Any], folder: Path, source: Path, run: dict[s
     (folder / "result.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
+class Summary:
+    """`DIR/summary.csv`: one row per analysed image, appended and flushed as each result arrives, so an interrupted
+    run keeps what it did."""
+
+    def __init__(self, path: Path, labels: list[str]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.labels = labels
+        self.handle = path.open("w", newline="")
+        self.writer = csv.writer(self.handle)
+        self.writer.writerow(
+            ["file", "predicted_label", "score", *(f"p_{label}" for label in labels)]
+            + ["lesion_focus_image", "lesion_focus_lesion", "mask_empty", "metadata_used"]
+        )
+        self.handle.flush()
+
+    def add(self, source: Path, result: dict[str, Any]) -> None:
+        focus = result["lesion_focus"]
+        self.writer.writerow(
+            [source.name, result["predicted_label"], _json_number(result["score"])]
+            + [_json_number(result["probabilities"][label]) for label in self.labels]
+            + [_json_number(focus.get("image")), _json_number(focus.get("lesion")), result["mask_empty"]]
+            + [json.dumps(result["metadata_used"], sort_keys=True)]
+        )
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed: list[str] = [path.name for path in ignored]
     done = 0
+    summary = Summary(args.out / "summary.csv", analyzer.labels)
     progress = tqdm(total=len(files), unit="image", desc="Analysing", disable=len(files) < 2)
 
     def analyse(batch: list[tuple[Path, Any]]) -> None:
@@ -227,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         for (path, _), result in zip(batch, results):
             write_result(result, args.out / names[path], path, run)
+            summary.add(path, result)
             done += 1
 
     batch: list[tuple[Path, Any]] = []
@@ -245,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         analyse(batch)
         progress.update(len(batch))
     progress.close()
+    summary.close()
 
     processed = len(files) + len(ignored)
     logger.info("Analysed %d of %d file(s) into %s.", done, processed, args.out)

@@ -60,6 +60,11 @@ def read_result(folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 
 
+def clash_name(folder: Path) -> str:
+    """The PNG whose stem clashes with a JPEG's (its output folder gets a `_png` suffix)."""
+    return next(folder.glob("*.png")).name
+
+
 def test_folder_is_analysed_in_batches_and_bad_files_are_skipped(model_folder, image_folder, tmp_path):
     out = tmp_path / "out"
     run = predict(image_folder, "--model", model_folder, "--out", out, "--batch-size", "2", "--age", "55")
@@ -68,11 +73,24 @@ def test_folder_is_analysed_in_batches_and_bad_files_are_skipped(model_folder, i
     assert "notes.txt" in run.stderr
     assert "Analysing" in run.stderr  # the progress bar
     images = sorted(p for p in image_folder.iterdir() if p.suffix in (".jpg", ".png") and p.name != "broken.jpg")
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert len(written) == len(images) == 5
+    # summary.csv: one row per analysed image, the same numbers as its result.json.
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["file"] for row in rows) == sorted(p.name for p in images)
+    for row in rows:
+        folder = out / (
+            Path(row["file"]).stem if row["file"] != clash_name(image_folder) else f"{Path(row['file']).stem}_png"
+        )
+        result = read_result(folder)
+        assert row["predicted_label"] == result["predicted_label"]
+        for label in LABELS:
+            assert float(row[f"p_{label}"]) == pytest.approx(result["probabilities"][label], abs=1e-6)
+        assert row["mask_empty"] == str(result["mask_empty"]) and json.loads(row["metadata_used"]) == {"age": 55.0}
     clash = next(image_folder.glob("*.png"))  # same stem as one of the JPEGs
     assert {clash.stem, f"{clash.stem}_png"} <= set(written)
-    for folder in out.iterdir():
+    for folder in (p for p in out.iterdir() if p.is_dir()):
         result = read_result(folder)
         source = Path(result["source"])
         with Image.open(source) as image:
