@@ -507,7 +507,8 @@ researchers, not used to make decisions about individual patients.
 - Classes are imbalanced (nevi dominate); rare classes have fewer examples and less reliable scores.
 - The classifier can only answer with the classes above; a lesion of another kind still gets one of them.
 - Metadata (age, sex, site) shifts predictions; missing fields are handled, but wrong fields mislead.
-- Probabilities are not calibrated risk estimates.
+- Probabilities are calibrated (temperature scaling) only where a temperature was fitted, and only for data like the
+  split it was fitted on; they are not risk estimates for an individual patient.
 
 ## Licence
 

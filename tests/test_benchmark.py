@@ -87,3 +87,20 @@ def test_benchmark_refuses_cuda_without_gpu(tmp_path):
     assert result.returncode != 0
     assert "no CUDA device" in result.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_times_the_shipped_checkpoint_end_to_end(data_root, tmp_path):
+    """`--checkpoint`: image file -> result with mask and both heatmaps, one image and a batch of files."""
+    out = tmp_path / "checkpoint.json"
+    env = {**os.environ, "SKIN_DUALNET_DATA": str(data_root)}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--checkpoint", str(REPO / "checkpoints" / "skin-dualnet-small"), "--out",
+         str(out), "--repeats", "2", "--warmup", "1", "--checkpoint-images", "4"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("end_to_end_explained_ms", "end_to_end_plain_ms", "throughput_explained_ips", "throughput_plain_ips"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    assert results["throughput_images"] == 4 and results["image_size"] == 192

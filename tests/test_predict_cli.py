@@ -185,3 +185,17 @@ def test_failures_give_clear_messages_and_exit_codes(model_folder, image_folder,
 
     run = predict(image_folder, "--model", model_folder, "--out", tmp_path / "out4", "--method", "nope")
     assert run.returncode == 2 and "invalid choice" in run.stderr and "gradcam++" in run.stderr
+
+
+def test_unreachable_hub_id_fails_fast_with_one_line(tmp_path, data_root):
+    """Offline, a Hub id that is not cached fails in seconds with one line naming the shipped checkpoint."""
+    import time
+
+    image = next((data_root / "ham10000" / "images").glob("*.jpg"))
+    start = time.monotonic()
+    run = predict(image, "--model", "org/no-such-model", "--out", tmp_path / "out")
+    assert run.returncode == 2
+    assert time.monotonic() - start < 60  # the import of the stack dominates; no 45 s of retries
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "checkpoints/skin-dualnet-small" in errors[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr

@@ -302,6 +302,10 @@ def test_server_predicts_and_reports_bad_inputs(app, server, tiny_model, images)
     result = client.predict(handle_file(str(images["rgb"])), 60, "male", "posterior torso", api_name="/predict")
     check_remote_outputs(result, labels)
     assert "| sex | male |" in result[6]
+    # The optional fields may be left out of an API call: they mean "missing", not age 0.
+    bare = client.predict(handle_file(str(images["rgb"])), api_name="/predict")
+    check_remote_outputs(bare, labels)
+    assert "| age | missing" in bare[6] and "0.0" not in bare[6]
     for kind, message in (
         ("text", "is not a readable image"),
         ("tiny", "at least 32 pixels"),
