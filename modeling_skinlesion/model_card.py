@@ -95,7 +95,7 @@ def _dataset_key(name: str) -> str | None:
 
 
 def load_metrics(path: str | Path) -> dict[str, Any]:
-    """Read a metrics JSON (as written by `scripts/evaluate.py` or the training scripts), with a clear error."""
+    """Read a metrics JSON (as written by `scripts/evaluate_model.py` or the training scripts), with a clear error."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -115,7 +115,7 @@ def _is_number(value: Any) -> bool:
 def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
     """(context, metric values) of a metrics JSON in any of the shapes the scripts write:
 
-    - `scripts/evaluate.py`: `{"dataset": ..., "split": ..., "num_samples": ..., "metrics": {...}}`;
+    - `scripts/evaluate_model.py`: `{"dataset": ..., "split": ..., "num_samples": ..., "metrics": {...}}`;
     - the training scripts: `{"best": {"epoch": ..., "validation": {...}}, "args": {"dataset": [...]}, ...}`
       (`scripts/finetune.py` adds `eval_dataset`, the data the validation split came from, and `before`);
     - a flat dict of metric values.
@@ -295,7 +295,7 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
     if not metrics:
         return (
             "No evaluation results were supplied when this card was written. Evaluate the checkpoint on your own "
-            "data with `scripts/evaluate.py` before relying on it.\n"
+            "data with `scripts/evaluate_model.py` before relying on it.\n"
         )
     context_values, _ = split_metrics(metrics)
     context = [
@@ -417,7 +417,7 @@ def render_model_card(
         repo_id: Hub repository the card describes (used in the usage snippet).
         datasets: names of the training sets ("HAM10000", "isic2018", "my-clinic", ...). Known public sets are
             described, cited and decide the licence; other names are listed as given.
-        metrics: a metrics dict (e.g. the JSON written by `scripts/evaluate.py`) rendered as tables.
+        metrics: a metrics dict (e.g. the JSON written by `scripts/evaluate_model.py`) rendered as tables.
         base_model: the checkpoint this one was fine-tuned from, if any.
         training: free-form training facts (preset, epochs, split, wall time) listed under "Training data".
         license: licence identifier; by default `cc-by-nc-4.0` when any known training set is non-commercial,

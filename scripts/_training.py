@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import datasets
+import evaluate
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -520,33 +521,12 @@ def gather_by_index(accelerator: Accelerator, indices: list[torch.Tensor], *valu
 _METRICS: dict[str, Any] = {}
 
 
-def import_evaluate():
-    """The `evaluate` package. A script run from this folder has the folder first on `sys.path`, where
-    `scripts/evaluate.py` shadows the package: import it with this folder off the path."""
-    here = Path(__file__).resolve().parent
-    module = sys.modules.get("evaluate")
-    if module is not None and Path(getattr(module, "__file__", None) or here / "x").resolve().parent != here:
-        return module
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != here]
-    shadow = sys.modules.pop("evaluate", None)
-    try:
-        import evaluate
-    except ImportError:
-        if shadow is not None:
-            sys.modules["evaluate"] = shadow
-        raise
-    finally:
-        sys.path[:] = saved
-    return evaluate
-
-
 def metric(name: str):
     """The shipped `evaluate` module `name` (loaded by path, so offline), loaded once per process."""
     if name not in _METRICS:
         from modeling_skinlesion.metrics import metric_path
 
-        _METRICS[name] = import_evaluate().load(metric_path(name), keep_in_memory=True)
+        _METRICS[name] = evaluate.load(metric_path(name), keep_in_memory=True)
     return _METRICS[name]
 
 

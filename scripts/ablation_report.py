@@ -20,7 +20,6 @@ It also picks the variant to export (best validation balanced accuracy in its tr
 """
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -44,16 +43,6 @@ SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
 COMPARISONS = (("b", "a", "dual vs single"), ("c", "b", "metadata vs none"), ("c", "d", "metadata at test")) + (
     ("c", "a", "full vs single"),
 )
-
-
-def load_evaluate_script():
-    """`scripts/evaluate.py` under a name that cannot shadow the `evaluate` library."""
-    spec = importlib.util.spec_from_file_location(
-        "skin_dualnet_evaluate_script", Path(__file__).with_name("evaluate.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_pairs(values: list[str], option: str) -> dict[str, str]:
@@ -188,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
     PartialState(cpu=True)  # the training helpers log through Accelerate
-    scripts = load_evaluate_script()
+    import evaluate_model as scripts
+
     models = parse_pairs(args.model, "--model")
     ablations = parse_pairs(args.no_metadata_variant, "--no-metadata-variant")
     for new, base in ablations.items():

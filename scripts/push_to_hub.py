@@ -66,8 +66,8 @@ class ExportArguments:
     metrics_file: str | None = field(
         default=None,
         metadata={
-            "help": "Metrics JSON to tabulate in the card (from scripts/evaluate.py or a training run; default: the "
-            "metrics.json a training script saved next to the model)."
+            "help": "Metrics JSON to tabulate in the card (from scripts/evaluate_model.py or a training run; default: "
+            "the metrics.json a training script saved next to the model)."
         },
     )
     repo_id: str = field(default=DEFAULT_REPO_ID, metadata={"help": "Hub repository id to upload to."})

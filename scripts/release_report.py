@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--segmenter-metrics",
         action="append",
         default=[],
-        help="NAME=FILE: a scripts/evaluate.py metrics.json of the nested segmenter to show under NAME (repeatable).",
+        help="NAME=FILE: a scripts/evaluate_model.py metrics.json of the nested segmenter, shown as NAME "
+        "(repeatable).",
     )
     parser.add_argument(
         "--recipe-dir",

@@ -45,7 +45,7 @@ if [[ " $STAGES " == *" segmenter "* ]]; then
         --val-size 0.15 --test-size 0.15 --split-seed 0 --epochs 2 --batch-size 16 --lr 1e-3 \
         --max-train-samples 640 --max-eval-samples 256 --seed 42 --checkpointing-steps none \
         --output-dir runs/segmenter-small
-    run eval-segmenter-small "$PY" scripts/evaluate.py --model runs/segmenter-small \
+    run eval-segmenter-small "$PY" scripts/evaluate_model.py --model runs/segmenter-small \
         "${HAM[@]}" --dataset isic2017 --data-root "$DATA/isic2017" \
         --split test --splits-file runs/segmenter-small/splits.json --output-dir runs/eval-segmenter-small
 fi

@@ -8,7 +8,7 @@
 #     segmenter   Deep-UNet on HAM10000 masks + ISIC 2017 pairs; the classifier's validation/test lesions held out
 #     classifier  dual encoder + metadata, frozen-stage cached features, logit-adjusted loss
 #     calibrate   post-hoc logit adjustment and temperature fitted on the validation split, stored in the config
-#     evaluate    segmenter test split (all, and its ISIC 2017 part) with scripts/evaluate.py
+#     evaluate    segmenter test split (all, and its ISIC 2017 part) with scripts/evaluate_model.py
 #     export      Hub-ready folder, test report through the analysis pipeline, model card -> $RELEASE
 #
 # Every training stage is resumable: run the same stage again and it continues from its last checkpoint. Each stage
@@ -93,9 +93,9 @@ if [[ " $STAGES " == *" calibrate "* ]]; then
 fi
 
 if [[ " $STAGES " == *" evaluate "* ]]; then
-    run eval-segmenter "$PY" scripts/evaluate.py --model "$RUNS/segmenter" "${HAM[@]}" "${ISIC17[@]}" \
+    run eval-segmenter "$PY" scripts/evaluate_model.py --model "$RUNS/segmenter" "${HAM[@]}" "${ISIC17[@]}" \
         --split test --splits-file "$RUNS/segmenter/splits.json" --output-dir "$RUNS/eval-segmenter"
-    run eval-segmenter-isic2017 "$PY" scripts/evaluate.py --model "$RUNS/segmenter" "${ISIC17[@]}" \
+    run eval-segmenter-isic2017 "$PY" scripts/evaluate_model.py --model "$RUNS/segmenter" "${ISIC17[@]}" \
         --split test --splits-file "$RUNS/segmenter/splits.json" --output-dir "$RUNS/eval-segmenter-isic2017"
 fi
 

@@ -201,7 +201,7 @@ def test_exported_segmenter_loads_without_package(data_root, tmp_path):
     assert card.data.datasets == ["ISIC-2017", "HAM10000"]
     assert "| dice | 0.8123 |" in card.text and "best epoch: 5" in card.text
     assert "metrics.json" not in {p.name for p in output.iterdir()}
-    # Scores from scripts/evaluate.py instead; the training sets still come from the training record.
+    # Scores from scripts/evaluate_model.py instead; the training sets still come from the training record.
     evaluation = {"task": "segmentation", "dataset": "isic2017", "split": "all", "num_images": 12}
     evaluation["metrics"] = {"dice": 0.7777, "jaccard": 0.6543, "num_images": 12}
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))

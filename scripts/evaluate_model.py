@@ -2,11 +2,11 @@
 """Evaluate a saved skin-dualnet model (segmenter or classifier) on a dataset split, and write ISIC submissions.
 
     # the validation split a training run held out (same data options and --split-seed as training):
-    python scripts/evaluate.py --model runs/classifier \
+    python scripts/evaluate_model.py --model runs/classifier \
         --dataset ham10000 --data-root ../shared/data/ham10000 --split validation --output-dir runs/classifier/eval
 
     # a segmenter on every image of a folder, with ISIC-challenge submission PNGs:
-    python scripts/evaluate.py --model runs/segmenter --dataset isic2017 --data-root ../shared/data/isic2017 \
+    python scripts/evaluate_model.py --model runs/segmenter --dataset isic2017 --data-root ../shared/data/isic2017 \
         --split all --output-dir eval/isic2017 --submission-dir eval/isic2017/submission
 
 The model type is read from its config. The data options are the training scripts' (`--dataset`/`--data-root`
@@ -26,29 +26,13 @@ lesion).
 Runs in one process, on the GPU when there is one (or `--device`).
 """
 
-import sys
-from pathlib import Path
-
-if __name__ == "evaluate":
-    # This file shares its name with the `evaluate` library and Python puts a script's folder first on `sys.path`, so
-    # `import evaluate` in any script of this folder (this one and the training scripts included) finds this file.
-    # Hand that import over to the library: the module that import returns is the one left in `sys.modules`.
-    import importlib
-
-    _folder = Path(__file__).resolve().parent
-    _saved_path = sys.path[:]
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _folder]
-    del sys.modules["evaluate"]
-    try:
-        sys.modules["evaluate"] = importlib.import_module("evaluate")
-    finally:
-        sys.path[:] = _saved_path
-
 import argparse
 import io
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -83,7 +67,7 @@ from modeling_skinlesion.data import (  # noqa: E402
 from modeling_skinlesion.image_processing_skinlesion import load_image, to_binary_mask  # noqa: E402
 from modeling_skinlesion.metrics import metric_path  # noqa: E402
 
-logger = logging.getLogger("evaluate")
+logger = logging.getLogger("evaluate_model")
 SPLITS = ("validation", "test", "train", "all")
 SEGMENTATION_SUFFIX = "_segmentation.png"
 CLASSIFICATION_CSV = "predictions.csv"

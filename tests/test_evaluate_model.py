@@ -1,5 +1,5 @@
-"""scripts/evaluate.py: metrics of saved models on real data, the training run's validation split, and ISIC submission
-files that the official scorer (`isic-challenge-scoring`) reads and scores exactly as our metrics do."""
+"""scripts/evaluate_model.py: metrics of saved models on real data, the training run's validation split, and ISIC
+submission files that the official scorer (`isic-challenge-scoring`) reads and scores exactly as our metrics do."""
 
 import argparse
 import importlib.util
@@ -24,7 +24,7 @@ from modeling_skinlesion.data import column_values, load_ham10000
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
-SCRIPT = SCRIPTS / "evaluate.py"
+SCRIPT = SCRIPTS / "evaluate_model.py"
 PRESETS = REPO_ROOT / "configuration"
 SEGMENTATION_KEYS = {
     "dice": "dice",
@@ -193,7 +193,7 @@ def training_args(data_root: Path, **overrides) -> argparse.Namespace:
 
 
 def test_validation_split_is_the_training_split(script, data_root):
-    """The training scripts' own split helper (`_training.prepare_splits`) and evaluate.py pick the same images."""
+    """The training scripts' split helper (`_training.prepare_splits`) and evaluate_model.py pick the same images."""
     training = script.T
     PartialState()  # the training helpers log through Accelerate
     args = training_args(data_root)
@@ -237,17 +237,3 @@ def test_rejects_models_that_are_not_skin_dualnet(script, tmp_path):
     AutoConfig.for_model("vit").save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="'vit' model"):
         script.load_model(str(tmp_path / "vit"), torch.device("cpu"))
-
-
-def test_import_evaluate_from_the_scripts_folder_gets_the_library(tmp_path):
-    """Python puts a script's folder first on sys.path; `import evaluate` there must still be the library."""
-    code = "import evaluate, sys; print(evaluate.__file__); print(callable(evaluate.load))"
-    result = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); {code}"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=True,
-    )
-    location, has_load = result.stdout.split()
-    assert "site-packages" in location and Path(location).parent.name == "evaluate" and has_load == "True"
