@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["melanoma_images"] = int((y == mel).sum())
             subgroups[field][value] = entry
 
-    segmentation = T.segmentation_metrics(
-        np.array([m for m, _ in masks], dtype=object), np.array([r for _, r in masks], dtype=object)
-    )
+    segmentation = T.segmentation_metrics([m for m, _ in masks], [r for _, r in masks])
     training = json.loads(Path(args.training_metrics).read_text()) if args.training_metrics else {}
     segmenter = {}
     for pair in args.segmenter_metrics:
