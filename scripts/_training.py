@@ -111,6 +111,10 @@ class TrainingArguments:
         metadata={"help": "Before training, open every file: skip bad ones with a report, raise, or do not check."},
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass: less memory, about a third more compute."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of initialisation, shuffling and augmentation."})
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: none, all, tensorboard, wandb..."})
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is available."})
@@ -279,7 +283,7 @@ def prepare_splits(
     """Grouped split → optional caps → file check of the splits used in training → split ids written to
     `output_dir/splits.json` (so evaluation can rebuild the held-out split)."""
     forced: dict[str, list[int]] = {"validation": [], "test": []}
-    if args.holdout_splits:
+    if getattr(args, "holdout_splits", None):
         recorded = json.loads(Path(args.holdout_splits).read_text())
         where = {image_id: name for name in forced for image_id in recorded.get(name, [])}
         groups = column_values(dataset, "group_id")
@@ -663,6 +667,12 @@ def prepare_run(
     cosine schedule, checkpoint registration, trackers (`--report-to`), resuming from `--resume`, the run summary in
     the log, the per-sample log and the progress bar. `dataloaders` (train, validation) replaces the image loaders
     with ready per-process ones (the cached features of `--frozen-stages`), which are not prepared again."""
+    if args.gradient_checkpointing:
+        pretrained = getattr(model, "model", model)  # the cached-features wrapper holds the PreTrainedModel
+        if hasattr(pretrained, "activation_checkpointing_enable"):
+            pretrained.activation_checkpointing_enable()
+        else:
+            pretrained.gradient_checkpointing_enable()
     if dataloaders is None:
         train_dataloader = build_dataloader(
             splits["train"],

@@ -231,8 +231,13 @@ def build_model(
     """The model to fine-tune: the checkpoint itself when the classes match, else the checkpoint with a new head for
     the clinic's classes, warm-started from the old head's row of each one-to-one mapped class."""
     checkpoint_labels = [base.config.id2label[i] for i in range(base.config.num_labels)]
+    # The checkpoint's calibration (bias, temperature) and loss offsets belong to its own data: start uncalibrated
+    # (scripts/calibrate.py fits them again on the clinic's held-out cases).
+    uncalibrated = {"logit_bias": None, "logit_adjustment": None, "temperature": 1.0}
     if clinic == checkpoint_labels:
         base.config.class_weights = weights
+        for key, value in uncalibrated.items():
+            setattr(base.config, key, value)
         return base
     model = SkinDualNet.from_pretrained(
         checkpoint,
@@ -240,6 +245,7 @@ def build_model(
         label2id={name: i for i, name in enumerate(clinic)},
         class_weights=weights,
         ignore_mismatched_sizes=True,
+        **uncalibrated,
     )
     old_head, new_head = base.classifier[-1], model.classifier[-1]
     with torch.no_grad():

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         processor.save_pretrained(output_dir)
     if args.storage_dtype == "float16":
         store_half_precision(output_dir / "model.safetensors")
-    if metrics_file:
+    if args.metrics_file:
         # The numbers of the card, machine-readable beside it (the tests compare the card with this file).
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_model_card(

@@ -495,8 +495,8 @@ def build(source: str | None = None) -> gr.Blocks:
                     label="Class probabilities",
                     elem_id="probabilities",
                 )
-                focus = gr.Markdown(elem_id="focus")
-                metadata = gr.Markdown(elem_id="metadata")
+                focus = gr.Markdown(label="Lesion focus", elem_id="focus")
+                metadata = gr.Markdown(label="Metadata used", elem_id="metadata")
         with gr.Row():
             mask_overlay = gr.Image(type="pil", label="Predicted lesion mask", elem_id="mask-overlay")
             lesion_image = gr.Image(

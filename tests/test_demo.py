@@ -179,3 +179,19 @@ def test_demo_launches_the_space_and_says_these_are_demo_weights(demo_export, tm
     printed = (tmp_path / "demo.log").read_text()
     assert "THESE ARE DEMO WEIGHTS" in printed and "NOT a usable model" in printed
     assert f"http://127.0.0.1:{port}" in printed
+
+
+@pytest.mark.slow
+def test_main_command_serves_the_shipped_checkpoint_without_training():
+    """`bash scripts/run.sh demo` = `scripts/demo.py` without arguments: the shipped checkpoint, no training."""
+    result = run_demo("--no-launch", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "checkpoints/skin-dualnet-small" in result.stdout and "loads" in result.stdout
+    assert "train_segmenter.py" not in result.stdout
+
+
+def test_unreachable_model_id_fails_fast_and_launches_nothing():
+    result = run_demo("org/not-published-yet", "--no-launch", timeout=120)
+    assert result.returncode != 0
+    assert "Cannot load 'org/not-published-yet'" in result.stderr and "checkpoints/skin-dualnet-small" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -89,7 +89,9 @@ def test_fast_path_matches_pytorch_grad_cam_on_both_branches(presets, data_root,
             ours = resize_cams(maps, (128, 128))  # pytorch-grad-cam's maps are at the input size
             theirs = library.heatmaps[branch]
             assert theirs.shape == (3, 128, 128)
-            assert (ours - theirs).abs().max() < 1e-4, (branch, target)
+            # Heatmaps are normalised to [0, 1]: a wrong layer, branch or class differs by 0.1-1; two correct paths
+            # differ by float rounding (up to ~2e-4 since the attention runs scaled_dot_product_attention).
+            assert (ours - theirs).abs().max() < 1e-3, (branch, target)
             compared[branch] += int((theirs.flatten(1).amax(1) > 0.99).sum())
     # Random weights give some all-zero maps (every weighted sum negative); most must be real comparisons.
     assert compared["image"] >= 5 and compared["lesion"] >= 5, compared

@@ -92,6 +92,7 @@ def test_export_folder_is_hub_ready(exported_classifier):
         "pipeline_skinlesion.py",
         "preprocessor_config.json",
         "README.md",
+        "metrics.json",  # the --metrics-file, beside the card that tabulates it
     }
     config = json.loads((output / "config.json").read_text())
     assert config["auto_map"] == {

@@ -465,3 +465,18 @@ def test_paper_sized_presets_run_a_forward_pass(preset):
         assert outputs.logits.shape == (1, 7)
     else:
         assert config.encoder_name == "efficientnet_b3" and outputs.logits.shape == (1, 1, 256, 256)
+
+
+class TestClassifierPredictedMask(ModelTesterMixin):
+    """The shared checks again on the classifier's other path: no mask given, the nested segmenter predicts it."""
+
+    model_class = sl.SkinDualNet
+    auto_class = AutoModelForImageClassification
+    make_config = TestClassifier.make_config
+    check_output_shapes = TestClassifier.check_output_shapes
+    trunks = TestClassifier.trunks
+
+    def make_inputs(self, config, with_labels=False):
+        inputs = TestClassifier.make_inputs(self, config, with_labels)
+        inputs.pop("lesion_mask")
+        return inputs

@@ -241,3 +241,33 @@ class TestLesionImage:
     def test_unknown_mode(self):
         with pytest.raises(ValueError, match="lesion_mode"):
             sl.build_lesion_image(torch.zeros(1, 3, 64, 64), torch.zeros(1, 1, 64, 64), mode="blur")
+
+
+def test_preprocess_applies_every_per_call_override_and_refuses_unknown_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    processor = sl.SkinLesionImageProcessor(size=32)
+    default = processor(image)["pixel_values"]
+    assert default.shape == (1, 3, 32, 32)
+    assert processor(image, size=48)["pixel_values"].shape == (1, 3, 48, 48)
+    assert processor(image, size={"height": 20, "width": 30})["pixel_values"].shape == (1, 3, 20, 30)
+    assert processor(image, do_resize=False)["pixel_values"].shape == (1, 3, 40, 50)
+    raw = processor(image, do_resize=False, do_normalize=False)["pixel_values"]
+    expected = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    torch.testing.assert_close(raw, expected, rtol=0, atol=1e-6)
+    half = processor(image, do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)["pixel_values"]
+    torch.testing.assert_close(half, (expected - 0.5) / 0.5, rtol=0, atol=1e-5)
+    for bad in ({"do_rescale": False}, {"sizes": 32}):
+        with pytest.raises(ValueError, match="Unknown option"):
+            processor(image, **bad)
+    with pytest.raises(ValueError, match="size"):
+        processor(image, size={"height": 0, "width": 3})
+    # Constructor settings survive save/load, and the reloaded processor behaves the same.
+    custom = sl.SkinLesionImageProcessor(
+        size={"height": 24, "width": 36}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4], do_normalize=False
+    )
+    custom.save_pretrained(tmp_path)
+    reloaded = sl.SkinLesionImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.size == {"height": 24, "width": 36} and reloaded.do_normalize is False
+    assert reloaded.image_mean == [0.4, 0.5, 0.6] and reloaded.image_std == [0.2, 0.3, 0.4]
+    torch.testing.assert_close(reloaded(image)["pixel_values"], custom(image)["pixel_values"], rtol=0, atol=0)
