@@ -112,3 +112,10 @@ def test_model_card_states_the_metrics_file(metrics):
     for stage in metrics["recipe"]:
         assert f"({stage['wall_time_s']} s)" in card
     assert metrics["test_images"] > 0 and math.isfinite(metrics["balanced_accuracy"])
+
+
+def test_shipped_remote_code_is_the_package_code():
+    """The checkpoint's remote-code files are this package's modules (refresh them with scripts/push_to_hub.py)."""
+    package = REPO_ROOT / "modeling_skinlesion"
+    for path in CHECKPOINT.glob("*.py"):
+        assert path.read_text() == (package / path.name).read_text(), path.name

@@ -223,24 +223,45 @@ class SkinLesionImageProcessor(BaseImageProcessor):
         images: Any,
         masks: Any | None = None,
         return_tensors: str | None = "pt",
-        size: dict[str, int] | None = None,
+        size: dict[str, int] | int | None = None,
+        do_resize: bool | None = None,
+        do_normalize: bool | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """Pre-process one image or a list of images.
+        """Pre-process one image or a list of images. `size`, `do_resize`, `do_normalize`, `image_mean` and
+        `image_std` override the processor's own settings for this call; other keywords are refused.
 
         Returns a `BatchFeature` with `pixel_values` `(batch_size, 3, height, width)`, and with `masks` also
         `lesion_mask` `(batch_size, 1, height, width)` (nearest-resized, 0/1).
         """
+        unknown = sorted(set(kwargs) - {"data_format", "input_data_format"})
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for `SkinLesionImageProcessor.preprocess`; it takes `masks`, "
+                "`return_tensors`, `size`, `do_resize`, `do_normalize`, `image_mean` and `image_std`."
+            )
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         if not images:
             raise ValueError("`images` is empty; pass at least one image.")
-        size = size or self.size
+        size = size if size is not None else self.size
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if not isinstance(size, dict) or size.get("height", 0) <= 0 or size.get("width", 0) <= 0:
+            raise ValueError(f"`size` must be a positive int or a dict with 'height' and 'width', got {size!r}.")
+        do_resize = self.do_resize if do_resize is None else do_resize
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = list(image_mean) if image_mean is not None else self.image_mean
+        image_std = list(image_std) if image_std is not None else self.image_std
+        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+            raise ValueError(f"`image_mean`/`image_std` need 3 values (std > 0), got {image_mean} / {image_std}.")
         target = (size["height"], size["width"])
         tensors = []
         for i, image in enumerate(images):
             tensor = self._to_tensor(image, f"images[{i}]")
-            if self.do_resize and tuple(tensor.shape[-2:]) != target:
+            if do_resize and tuple(tensor.shape[-2:]) != target:
                 tensor = F.interpolate(
                     tensor[None], size=target, mode="bilinear", antialias=True, align_corners=False
                 )[0]
@@ -249,9 +270,9 @@ class SkinLesionImageProcessor(BaseImageProcessor):
         if len(shapes) > 1:
             raise ValueError(f"Images have different sizes {sorted(shapes)} and `do_resize=False`; resize them first.")
         pixel_values = torch.stack(tensors).clamp(0, 1)
-        if self.do_normalize:
-            mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-            std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        if do_normalize:
+            mean = torch.tensor(image_mean).view(1, 3, 1, 1)
+            std = torch.tensor(image_std).view(1, 3, 1, 1)
             pixel_values = (pixel_values - mean) / std
         data = {"pixel_values": pixel_values}
         if masks is not None:
@@ -261,7 +282,7 @@ class SkinLesionImageProcessor(BaseImageProcessor):
             resized = []
             for i, mask in enumerate(masks):
                 binary = torch.from_numpy(to_binary_mask(mask, f"masks[{i}]")).float()[None, None]
-                resized.append(F.interpolate(binary, size=target, mode="nearest")[0])
+                resized.append(F.interpolate(binary, size=tuple(pixel_values.shape[-2:]), mode="nearest")[0])
             data["lesion_mask"] = torch.stack(resized)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
