@@ -17,7 +17,8 @@ setup_venv() {
     local stamp="$VENV/.skin-dualnet-$extras-$(sha1sum pyproject.toml | cut -c1-12)"
     if [ ! -f "$stamp" ]; then
         echo "[setup] installing skin-dualnet[$extras] (torch==2.14.1, torchvision==0.29.1)"
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+        # No --quiet: the download/install progress shows (about 2-3 minutes from a nearby mirror).
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -e ".[$extras]"
         touch "$stamp"
     fi
 }
