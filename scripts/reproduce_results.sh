@@ -10,8 +10,20 @@
 # Everything runs offline on CPU (2 shared cores: about 60 minutes for the default stages). Fixed seeds: split seed 0, training seed 42.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ALL="weights segmenter classifiers evaluate classifiers-1920 export seed43"
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+for stage in "$@"; do
+    [[ " $ALL " == *" $stage "* ]] || { echo "unknown stage '$stage'; stages: $ALL" >&2; exit 2; }
+done
 DATA="${SKIN_DUALNET_DATA:-../shared/data}"
-PY="${PYTHON:-.venv/bin/python}"
+# The Python it is run with: $PYTHON, else the active virtual environment's, else .venv/bin/python, else python3.
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -n "${VIRTUAL_ENV:-}" ]; then PY="$VIRTUAL_ENV/bin/python"
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3; fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 STAGES="${*:-weights segmenter classifiers evaluate classifiers-1920 export}"
 run() {  # run NAME COMMAND...: log to runs/NAME/log.txt and record the wall time
