@@ -135,6 +135,25 @@ def load_processor(model_path: str, config) -> SkinLesionImageProcessor:
         return SkinLesionImageProcessor.from_model_config(config)
 
 
+def release_training_facts(metrics: dict | None) -> dict[str, str] | None:
+    """For a release report (`scripts/release_report.py`): which images the classifier saw, for the card's "Training
+    data" section (and the Space's "what these weights were trained on")."""
+    split = ((metrics or {}).get("training") or {}).get("split")
+    if not split or "subgroups" not in metrics:
+        return None
+    facts = {
+        "Classifier": f"the lesion-grouped HAM10000 training split, {split['train']['images']} images of "
+        f"{split['train']['groups']} lesions; validation {split['validation']['images']} images (best epoch, logit "
+        f"bias, temperature); test {split['test']['images']} images of {split['test']['groups']} lesions, never "
+        "trained on",
+        "Segmenter": "HAM10000 masks + ISIC 2017 pairs, with the classifier's validation and test lesions held out",
+    }
+    if metrics.get("recipe"):
+        wall = sum(stage["wall_time_s"] for stage in metrics["recipe"])
+        facts["Recipe"] = f"scripts/train_release.sh on a 2-core CPU, {wall / 60:.0f} minutes in all (stages below)"
+    return facts
+
+
 def store_half_precision(path: Path) -> None:
     """Rewrite a safetensors file with its float32 tensors as float16 (integers, e.g. BatchNorm counters, kept)."""
     from safetensors import safe_open
@@ -255,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         repo_id=args.repo_id,
         datasets=datasets,
         metrics=metrics,
+        training=release_training_facts(metrics),
         base_model=args.base_model or (metrics or {}).get("base_model") or record.get("base_model"),
         license=args.license,
     )
