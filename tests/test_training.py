@@ -361,3 +361,23 @@ def test_frozen_stage_recipe_trains_on_cached_features_and_calibrates(
             ).logits  # fmt: skip
         torch.testing.assert_close(full, cached, rtol=1e-4, atol=1e-4)
     assert "Temperature" in result.stdout
+
+
+def test_frozen_stage_run_resumes_from_its_checkpoint_and_cached_features(small_data, efficientnet_preset, tmp_path):
+    """A cached-feature run stopped after two epochs continues with `--resume latest`: the views come back from
+    `feature-cache/` (not recomputed), training resumes at the saved step, and the earlier epochs' records are kept."""
+    args = (
+        "--config", efficientnet_preset, "--dataset", "ham10000", "--data-root", small_data["ham10000"],
+        "--val-size", "0.25", "--batch-size", "4", "--class-weights", "none", "--frozen-stages", "2",
+        "--cached-views", "2", "--seed", "5", "--output-dir", tmp_path, "--no-calibrate",
+    )  # fmt: skip
+    first = run_script("train_classifier.py", *args, "--epochs", "2")
+    assert "Loaded cached features" not in first.stdout + first.stderr
+    before = json.loads((tmp_path / "metrics.json").read_text())
+    resumed = run_script("train_classifier.py", *args, "--epochs", "3", "--resume", "latest")
+    log = resumed.stdout + resumed.stderr
+    assert log.count("Loaded cached features") == 3  # two training views and the validation split
+    assert f"at step {before['steps']}" in log
+    after = json.loads((tmp_path / "metrics.json").read_text())
+    assert [record["epoch"] for record in after["history"]] == [0, 1, 2]
+    assert after["history"][:2] == before["history"] and after["steps"] == before["steps"] * 3 // 2
