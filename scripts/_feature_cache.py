@@ -197,16 +197,24 @@ def compute_view(
     return view
 
 
-def cache_key(model: nn.Module, frozen_stages: int, split_ids: list[str], extra: dict[str, Any]) -> str:
-    """Identifies a cache: the frozen weights' checksum, the split's images and the settings that shape the views."""
+def weights_digest(model: nn.Module, frozen_stages: int) -> str:
+    """Checksum of every weight the cached views depend on: the frozen trunk parts and the segmenter (its masks build
+    the lesion images). Computed once per run."""
     digest = hashlib.sha1()
-    for name, trunk in trunks(model).items():
-        for module in (trunk.conv_stem, trunk.bn1, *trunk.blocks[:frozen_stages]):
-            for tensor in module.state_dict().values():
-                digest.update(name.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digest.update(json.dumps({"ids": split_ids, "frozen_stages": frozen_stages, **extra}, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
+    parts = {f"{name}.{i}": module for name, trunk in trunks(model).items()
+             for i, module in enumerate((trunk.conv_stem, trunk.bn1, *trunk.blocks[:frozen_stages]))}  # fmt: skip
+    parts["segmenter"] = model.segmenter
+    for name, module in parts.items():
+        for tensor in module.state_dict().values():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(weights: str, frozen_stages: int, split_ids: list[str], extra: dict[str, Any]) -> str:
+    """Identifies a cache: the weights' digest, the split's images and the settings that shape the views."""
+    payload = json.dumps({"ids": split_ids, "frozen_stages": frozen_stages, **extra}, sort_keys=True)
+    return hashlib.sha1((weights + payload).encode()).hexdigest()[:16]
 
 
 def load_or_compute(path: Path, key: str, compute: Any) -> dict[str, Any]:

@@ -226,12 +226,12 @@ def cached_dataloaders(
     train_images = accelerator.prepare(build_dataloader(splits["train"], train_transform, batch_size))
     eval_images = accelerator.prepare(build_dataloader(splits["validation"], eval_transform, batch_size))
     settings = {"seed": args.seed, "train_masks": args.train_masks, "size": model.config.image_size}
+    weights = FC.weights_digest(model, args.frozen_stages)
+    train_ids = column_values(splits["train"], "image_id")
     views = []
     for view in range(args.cached_views):
         train_transform.set_epoch(view)
-        key = FC.cache_key(
-            model, args.frozen_stages, column_values(splits["train"], "image_id"), {**settings, "view": view}
-        )
+        key = FC.cache_key(weights, args.frozen_stages, train_ids, {**settings, "view": view})
         views.append(
             FC.load_or_compute(
                 cache_dir / f"train-view{view}-rank{rank}.pt",
@@ -249,7 +249,7 @@ def cached_dataloaders(
         )
     train_transform.set_epoch(0)
     key = FC.cache_key(
-        model, args.frozen_stages, column_values(splits["validation"], "image_id"), {"eval_masks": args.eval_masks}
+        weights, args.frozen_stages, column_values(splits["validation"], "image_id"), {"eval_masks": args.eval_masks}
     )
     eval_view = FC.load_or_compute(
         cache_dir / f"validation-rank{rank}.pt",
