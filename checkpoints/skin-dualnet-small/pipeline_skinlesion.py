@@ -97,8 +97,8 @@ class SkinLesionAnalyzer:
             The classifier (with its nested segmenter). Put it in eval mode; the analyzer runs it in eval mode either
             way and restores the mode it found.
         image_processor ([`SkinLesionImageProcessor`], *optional*):
-            The classifier's processor; built from `model.config` when omitted. The segmenter gets its own processor
-            at its own input size (`model.config.segmenter_config`), from the original image.
+            The classifier's processor; built from `model.config` when omitted. The lesion masks come from the
+            model's own `predict_lesion_mask` on the processed images (the one mask path).
         method (`str`, *optional*, defaults to `"gradcam"`):
             CAM method: one of `FAST_CAM_METHODS` for the fast backend, or any of
             `modeling_skinlesion.explain.LIBRARY_CAM_METHODS` for the library backend.
