@@ -3,7 +3,9 @@
 The model comes from `SKIN_DUALNET_MODEL` (a Hub id or a local folder); by default the release checkpoint shipped in
 the repository (`checkpoints/skin-dualnet-small`) when the app runs from a clone, else the Hub repo `org/skin-dualnet`
 (the id the release is published under). It is loaded once per process through its remote code
-(`trust_remote_code=True`), so the Space needs no copy of this project's package.
+(`trust_remote_code=True`), so the Space needs no copy of this project's package: the model repo's
+"skin-lesion-analysis" pipeline reads the image (its one image reader) and the patient metadata (its one metadata
+parser); this file only checks an upload's declared size first and lays out the page.
 
     SKIN_DUALNET_MODEL=outputs/demo-model python space/app.py --port 7860
 
@@ -13,6 +15,7 @@ page; `launch()` runs only under `__main__`.
 
 import argparse
 import csv
+import json
 import logging
 import math
 import os
@@ -28,31 +31,34 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 logger = logging.getLogger("skin_dualnet_space")
 
 MODEL_ENV = "SKIN_DUALNET_MODEL"
 DEFAULT_MODEL = "org/skin-dualnet"
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "skin-dualnet-small"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = REPO_ROOT / "checkpoints" / "skin-dualnet-small"
 TASK = "skin-lesion-analysis"
-# Dermoscopy images are at most ~25 MP; anything far larger is refused before it is decoded. PIL raises a
-# DecompressionBombError itself above twice this limit, even for code paths that bypass `read_image`.
+# Dermoscopy images are at most ~25 MP; anything far larger is refused from its header, before it is decoded. PIL
+# itself refuses (DecompressionBombError) above twice this limit, whatever reads the file.
 MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 MIN_SIDE = 32
 MAX_FILE_SIZE = "10mb"
-MAX_AGE = 120
 CONCURRENCY_LIMIT = 2
-# Waiting requests beyond the ones running; a burst of up to this many visitors is queued (each sees its place in
-# the queue), the next ones are refused with gradio's "queue is full" message.
+# Requests waiting beyond the ones running: a burst of up to this many visitors is queued (each sees their place in
+# the queue); the next ones are refused with gradio's "Queue is full" message.
 QUEUE_SIZE = 128
 TOP_K = 5
 DISPLAY_SIDE = 256
+PANEL_HEIGHT = 300  # every image panel the same size, the lesion image's included
 OUTPUT_IMAGES = ("mask_overlay", "lesion_image", "gradcam_image_branch", "gradcam_lesion_branch")
 OUTPUT_MAX_AGE_S = 600
 UNKNOWN = "unknown"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+# An absolute path in a message (the server's upload folder, the model folder); users see only its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"/:]+/)+([^\s'\"/:]+)")
 
 DISCLAIMER = (
     "## ⚠️ Research demo — not a medical device\n"
@@ -60,6 +66,13 @@ DISCLAIMER = (
     "output can be wrong in ways that matter, and it must not be used to diagnose, treat, triage or reassure anyone. "
     "If you are worried about a skin lesion, see a doctor."
 )
+CSS = """
+/* The examples table shows every column in full (no ellipsis), wrapping long values instead of cutting them. */
+#examples td, #examples th { white-space: normal !important; overflow: visible !important;
+  text-overflow: clip !important; max-width: none !important; }
+/* Block labels wrap on narrow screens rather than being cut. */
+.block label span, [data-testid="block-label"] { white-space: normal; overflow-wrap: anywhere; }
+"""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -82,6 +95,10 @@ class LoadedModel:
     def ok(self) -> bool:
         return self.pipeline is not None
 
+    @property
+    def name(self) -> str:
+        return display_name(self.source)
+
 
 _MODELS: dict[str, LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
@@ -93,6 +110,26 @@ def model_source(source: str | None = None) -> str:
     if source or os.environ.get(MODEL_ENV):
         return source or os.environ[MODEL_ENV]
     return str(SHIPPED_MODEL) if (SHIPPED_MODEL / "config.json").is_file() else DEFAULT_MODEL
+
+
+def display_name(source: str) -> str:
+    """How the page names a model: a Hub id as is, a folder of this clone relative to it, any other folder by its
+    name (the server's own paths are not shown to visitors)."""
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path.name
+
+
+def public_message(message: str, path: Any = None, name: str | None = None) -> str:
+    """`message` with the server's paths removed: `path` becomes `name` (the uploaded file's own name), any other
+    absolute path its last part."""
+    if path is not None and name:
+        message = message.replace(os.fspath(path), name)
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 def _model_file(source: str, name: str) -> Path | None:
@@ -112,8 +149,6 @@ def _model_file(source: str, name: str) -> Path | None:
 def describe_test_results(source: str) -> str:
     """The checkpoint's held-out test numbers (its `metrics.json` from `scripts/release_report.py`), one Markdown line
     each; empty when the checkpoint has none."""
-    import json
-
     path = _model_file(source, "metrics.json")
     if path is None:
         return ""
@@ -138,25 +173,25 @@ def describe_test_results(source: str) -> str:
     return "\n".join(lines)
 
 
-def _model_card_text(source: str) -> str | None:
-    """The model card (`README.md`) of a local folder, or of a Hub repo when it can be fetched."""
-    card = _model_file(source, "README.md")
-    return card.read_text(encoding="utf-8", errors="replace") if card is not None else None
-
-
 def describe_training_data(source: str, config: Any = None) -> str:
-    """What the weights were trained on, as Markdown: the model card's "Training data" section, else its `datasets`
-    front-matter entry, else a `training_data` entry of the config, else "unknown"."""
-    card = _model_card_text(source)
-    if card:
-        section = re.search(r"^## Training data\s*\n(.*?)(?=^## |\Z)", card, flags=re.M | re.S)
-        if section and section.group(1).strip():
-            return section.group(1).strip()
-        front = re.match(r"^---\n(.*?)\n---", card, flags=re.S)
-        if front:
-            names = re.search(r"^datasets:\s*\n((?:\s*-\s*.+\n?)+)", front.group(1), flags=re.M)
-            if names:
-                return ", ".join(line.strip()[1:].strip() for line in names.group(1).strip().splitlines())
+    """What the weights were trained on, as Markdown: the model card's "Training data" section, else the `datasets`
+    of its front matter (read by `huggingface_hub.ModelCard`), else a `training_data` entry of the config, else
+    "unknown"."""
+    card_file = _model_file(source, "README.md")
+    if card_file is not None:
+        from huggingface_hub import ModelCard
+
+        try:
+            card = ModelCard.load(card_file)
+        except Exception as error:  # a card without valid front matter: fall back to the config
+            logger.warning("Cannot read the model card of %s: %s", source, error)
+        else:
+            section = re.search(r"^## Training data\s*\n(.*?)(?=^## |\Z)", card.text, flags=re.M | re.S)
+            if section and section.group(1).strip():
+                return section.group(1).strip()
+            datasets = card.data.datasets
+            if datasets:
+                return ", ".join([datasets] if isinstance(datasets, str) else datasets)
     described = getattr(config, "training_data", None)
     return str(described) if described else "unknown"
 
@@ -176,7 +211,7 @@ def load_model(source: str) -> LoadedModel:
         analyzer = pipeline(TASK, model=source, trust_remote_code=True)
     except Exception as error:  # a missing repo, no network, a broken folder, ...: all are shown on the page
         logger.exception("Could not load the model %s", source)
-        return LoadedModel(source=source, error=f"{type(error).__name__}: {error}")
+        return LoadedModel(source=source, error=public_message(f"{type(error).__name__}: {error}"))
     config = analyzer.model.config
     return LoadedModel(
         source=source,
@@ -199,7 +234,7 @@ def get_model(source: str | None = None) -> LoadedModel:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Input checks
+# Input checks (sizes only: reading the image and the metadata is the pipeline's job)
 # --------------------------------------------------------------------------------------------------------------------
 def user_error(message: str) -> gr.Error:
     """An error shown to the user in the page (a toast) or the API client; bad input is not a server fault, so no
@@ -207,93 +242,51 @@ def user_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_size(width: int, height: int, name: str = "The image") -> None:
     if width * height > MAX_PIXELS:
         raise user_error(
-            f"The image is {width}x{height} pixels, more than the limit of {MAX_PIXELS // 1_000_000} megapixels; "
+            f"{name} is {width}x{height} pixels, more than the limit of {MAX_PIXELS // 1_000_000} megapixels; "
             "downscale it (dermoscopy images rarely exceed 25 megapixels)."
         )
     if min(width, height) < MIN_SIDE:
         raise user_error(
-            f"The image is only {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels for the model "
+            f"{name} is only {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels for the model "
             "to see the lesion."
         )
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF rotation applied; grayscale, palette, 16-bit or transparent images as RGB (transparency on white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray((np.clip(array / max(array.max(), 1.0), 0, 1) * 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def read_image(image: Any) -> Image.Image:
-    """An upload (file path, PIL image or numpy array) as an RGB PIL image; a `gr.Error` says what is wrong with any
-    other input: nothing uploaded, not an image, truncated, too large (decompression bomb) or too small."""
+def check_image(image: Any, name: str) -> None:
+    """Refuse, with a `gr.Error`, an image that is missing, too small or too large (from a file's header, before any
+    pixel is decoded). A file that cannot even be opened is left to the pipeline's reader, whose message says why."""
     if image is None:
         raise user_error("No image: upload a dermoscopic image (JPEG or PNG) or pick one of the examples.")
-    if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or image.size == 0:
-            raise user_error(f"The image array has shape {image.shape}; expected (height, width[, channels]).")
-        _check_size(image.shape[1], image.shape[0])
-        array = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
     if isinstance(image, Image.Image):
-        _check_size(*image.size)
-        return _to_rgb(image)
-    if not isinstance(image, (str, os.PathLike)):
-        raise user_error(f"Expected an image file, got {type(image).__name__}.")
-    name = Path(image).name
-    try:
-        with warnings.catch_warnings():
-            # PIL warns between its limit and twice it; the size check below refuses those images with a message.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(image)
-        with opened:
-            _check_size(*opened.size)  # from the header, before any pixel is decoded
-            opened.load()
-            return _to_rgb(opened)
-    except gr.Error:  # a subclass of ValueError: let the size checks' messages through unchanged
-        raise
-    except FileNotFoundError:
-        raise user_error(f"The uploaded file {name} is missing on the server; upload it again.") from None
-    except Image.DecompressionBombError:
-        raise user_error(
-            f"{name} declares more than {MAX_PIXELS // 1_000_000} megapixels and was refused (a possible "
-            "decompression bomb); downscale it."
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise user_error(f"{name} is not a readable image (JPEG, PNG, ...): {error}") from None
-
-
-def parse_metadata(model: LoadedModel, age: Any, sex: Any, site: Any) -> dict[str, Any]:
-    """The metadata record for the pipeline; blanks and "unknown" mean missing, anything else must be valid."""
-    record: dict[str, Any] = {}
-    if age is not None and not (isinstance(age, str) and not age.strip()):
+        _check_size(*image.size, name)
+    elif isinstance(image, np.ndarray):
+        if image.ndim in (2, 3):
+            _check_size(image.shape[1], image.shape[0], name)
+    elif isinstance(image, (str, os.PathLike)):
         try:
-            value = float(age)
-        except (TypeError, ValueError):
-            raise user_error(f"Age must be a number of years, got {age!r}.") from None
-        if math.isnan(value):
-            pass
-        elif not 0 <= value <= MAX_AGE:
-            raise user_error(f"Age must lie between 0 and {MAX_AGE} years, got {value:g}.")
-        else:
-            record["age"] = value
-    for name, value, choices in (("sex", sex, model.sex_choices), ("site", site, model.site_choices)):
-        if value is None or str(value).strip().lower() in ("", UNKNOWN):
-            continue
-        if value not in choices:
-            raise user_error(f"Unknown {name} {value!r}; choose one of {choices}.")
-        record[name] = value
-    return record
+            with warnings.catch_warnings():
+                # PIL warns between its limit and twice it; the size check refuses those images with a message.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                header = Image.open(image)  # reads the header only
+        except Image.DecompressionBombError:
+            raise user_error(
+                f"{name} declares more than {2 * MAX_PIXELS // 1_000_000} megapixels and was refused (a possible "
+                "decompression bomb); downscale it."
+            ) from None
+        except Exception:  # not an image, missing, ...: the pipeline's reader says which
+            return
+        with header:
+            _check_size(*header.size, name)
+
+
+def _given(value: Any) -> bool:
+    """Whether a form field holds something (an untouched box or "unknown" means missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return str(value).strip().lower() not in ("", UNKNOWN)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,11 +316,15 @@ def _format_focus(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _format_metadata(result: dict[str, Any]) -> str:
+def _format_metadata(result: dict[str, Any], given: dict[str, Any]) -> str:
+    """The metadata as the pipeline read it; a field that was filled in but not understood says so."""
     used = result.get("metadata_used") or {}
     lines = ["**Metadata used**", "", "| field | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value} |" for name, value in used.items()]
-    lines += [f"| {name} | missing (treated as unknown) |" for name in result.get("metadata_missing") or []]
+    lines += [f"| {name} | {f'{value:g}' if isinstance(value, float) else value} |" for name, value in used.items()]
+    for name in result.get("metadata_missing") or []:
+        raw = given.get(name)
+        reason = f"{raw!r} not understood, " if _given(raw) else ""
+        lines.append(f"| {name} | missing ({reason}treated as unknown) |")
     ignored = result.get("metadata_ignored") or []
     if ignored:
         lines += ["", f"This model has no metadata branch; ignored: {', '.join(ignored)}."]
@@ -342,27 +339,43 @@ def _enlarged(image: Image.Image | None, side: int = DISPLAY_SIDE) -> Image.Imag
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
 
 
-def predict(image: Any, age: Any = None, sex: Any = None, site: Any = None, source: str | None = None) -> tuple:
-    """Analyse one image.
+def predict(
+    image: Any,
+    age: Any = None,
+    sex: Any = None,
+    site: Any = None,
+    source: str | None = None,
+    name: str | None = None,
+) -> tuple:
+    """Analyse one image (a file path, PIL image or numpy array) with the patient's age, sex and site as typed in the
+    form (None, blank or "unknown" = missing), passed unchanged to the pipeline's metadata parser.
 
     Returns, in the order of the page's outputs: the mask overlay, the lesion image, the Grad-CAM overlays of the
     image and lesion branches (PIL images), the class probabilities (`{label: probability}`), the lesion-focus
-    Markdown and the metadata Markdown. Bad input raises a `gr.Error` with a message for the user.
+    Markdown and the metadata Markdown. Bad input raises a `gr.Error` whose message names no server path (`name` is
+    what the user calls the file; by default its file name).
     """
     model = get_model(source)
     if not model.ok:
-        raise user_error(f"The model {model.source!r} could not be loaded, so nothing can be analysed. {model.error}")
-    rgb = read_image(image)
-    record = parse_metadata(model, age, sex, site)
+        raise user_error(f"The model {model.name!r} could not be loaded, so nothing can be analysed. {model.error}")
+    if name is None:
+        name = Path(image).name if isinstance(image, (str, os.PathLike)) else "The image"
+    check_image(image, name)
+    metadata = {"age": age, "sex": sex, "site": site}
     try:
-        result = model.pipeline(rgb, metadata=record)
-    except ValueError as error:
-        raise user_error(f"The model could not analyse this image: {error}") from None
+        result = model.pipeline(image, metadata=metadata)
+    except ValueError as error:  # the reader's and the processor's messages for bad input
+        path = image if isinstance(image, (str, os.PathLike)) else None
+        raise user_error(public_message(str(error), path, name)) from None
     except Exception as error:  # keep the server up and tell the user; the traceback goes to the log
         logger.exception("Prediction failed")
-        raise user_error(f"The analysis failed ({type(error).__name__}: {error}).") from None
+        raise user_error(public_message(f"The analysis failed ({type(error).__name__}: {error}).")) from None
     if result.get("mask_empty"):
         gr.Warning("The segmenter found no lesion in this image; the lesion branch used the whole image.")
+    missing = result.get("metadata_missing") or []
+    not_understood = [f"{key} {metadata[key]!r}" for key in missing if _given(metadata[key])]
+    if not_understood:
+        gr.Warning(f"Not understood, treated as missing: {', '.join(not_understood)}.")
     probabilities = {label: float(p) for label, p in result["probabilities"].items()}
     return (
         result["mask_overlay"],
@@ -371,7 +384,7 @@ def predict(image: Any, age: Any = None, sex: Any = None, site: Any = None, sour
         result["heatmap_overlays"].get("lesion"),
         probabilities,
         _format_focus(result),
-        _format_metadata(result),
+        _format_metadata(result, metadata),
     )
 
 
@@ -435,18 +448,25 @@ def model_status(model: LoadedModel) -> str:
     if not model.ok:
         return (
             f"### ❌ The model could not be loaded\n"
-            f"`{model.source}` (set `{MODEL_ENV}` to a Hub id or a local folder): {model.error}\n\n"
+            f"`{model.name}` (set `{MODEL_ENV}` to a Hub id or a local folder): {model.error}\n\n"
             "Predictions are disabled until the app is restarted with a loadable model."
         )
     return (
-        f"**Model:** `{model.source}` — classes: {', '.join(model.labels)}\n\n"
+        f"**Model:** `{model.name}` — classes: {', '.join(model.labels)}\n\n"
         + (f"**How it scored:** {model.test_summary}\n\n" if model.test_summary else "")
         + f"**What these weights were trained on:**\n\n{model.training_data}"
     )
 
 
-def build(source: str | None = None) -> gr.Blocks:
-    """The page. The model (`source`, else `$SKIN_DUALNET_MODEL`, else the default) is loaded here, once."""
+def _image_panel(label: str, elem_id: str) -> gr.Image:
+    # min_width: two panels share a row on a desktop; below ~560 px the row wraps to one panel per row.
+    return gr.Image(type="pil", label=label, elem_id=elem_id, height=PANEL_HEIGHT, min_width=260)
+
+
+def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The page: inputs on the left, results beside them (below them on a phone), examples and model details under
+    both. The model (`source`, else `$SKIN_DUALNET_MODEL`, else the default) is loaded here, once. `queue_size`
+    requests may wait beyond the ones running."""
     model = get_model(source)
     sex_choices = [UNKNOWN] + [s for s in model.sex_choices if s != UNKNOWN]
     site_choices = [UNKNOWN] + [s for s in model.site_choices if s != UNKNOWN]
@@ -455,56 +475,59 @@ def build(source: str | None = None) -> gr.Blocks:
         image: dict | None, age: float | None = None, sex: str | None = UNKNOWN, site: str | None = UNKNOWN
     ) -> tuple:
         # The event runs with `preprocess=False`: the upload arrives as gradio's file record (already checked to lie
-        # in the upload folder) and is decoded only by `read_image`, whose size check precedes any pixel decoding.
-        path = image.get("path") if isinstance(image, dict) else image
-        outputs = predict(path, age, sex, site, source=model.source)
+        # in the upload folder) and is decoded only by the pipeline's reader, after `check_image` read its header.
+        path, name = image, None
+        if isinstance(image, dict):
+            path = image.get("path")
+            name = image.get("orig_name") or (Path(path).name if path else None)
+        outputs = predict(path, age, sex, site, source=model.source, name=name)
         return (*output_files(outputs[:4]), *outputs[4:])
 
     with gr.Blocks(title="skin-dualnet research demo") as demo:
         gr.Markdown("# skin-dualnet: lesion segmentation, classification and Grad-CAM")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
-        gr.Markdown(model_status(model), elem_id="model-info")
-        with gr.Row():
-            with gr.Column(scale=1):
+        with gr.Row(elem_id="main-row"):
+            with gr.Column(scale=1, min_width=300, elem_id="inputs"):
                 image = gr.Image(
-                    type="filepath", label="Dermoscopic image", sources=["upload", "clipboard"], elem_id="image"
+                    type="filepath",
+                    label="Dermoscopic image",
+                    sources=["upload", "clipboard"],
+                    height=PANEL_HEIGHT,
+                    elem_id="image",
                 )
                 # No starting value: an untouched box is a missing age (0 would be used as a real age).
                 age = gr.Number(
-                    value=None,
-                    label="Age in years (optional)",
-                    minimum=0,
-                    maximum=MAX_AGE,
-                    precision=0,
-                    elem_id="age",
+                    value=None, label="Age in years (optional)", minimum=0, maximum=120, precision=0, elem_id="age"
                 )
                 sex = gr.Dropdown(sex_choices, value=UNKNOWN, label="Sex (optional)", elem_id="sex")
                 site = gr.Dropdown(site_choices, value=UNKNOWN, label="Anatomical site (optional)", elem_id="site")
                 run = gr.Button("Analyse", variant="primary", elem_id="run", interactive=model.ok)
-                if model.ok and examples():
-                    gr.Examples(
-                        examples(),
-                        inputs=[image, age, sex, site],
-                        label="Examples (ISIC Archive, CC0)",
-                        cache_examples=False,
-                        elem_id="examples",
+            with gr.Column(scale=2, min_width=300, elem_id="results"):
+                with gr.Row():
+                    probabilities = gr.Label(
+                        num_top_classes=min(TOP_K, len(model.labels) or TOP_K),
+                        label="Class probabilities",
+                        elem_id="probabilities",
+                        min_width=260,
                     )
-            with gr.Column(scale=1):
-                probabilities = gr.Label(
-                    num_top_classes=min(TOP_K, len(model.labels) or TOP_K),
-                    label="Class probabilities",
-                    elem_id="probabilities",
-                )
-                focus = gr.Markdown(label="Lesion focus", elem_id="focus")
-                metadata = gr.Markdown(label="Metadata used", elem_id="metadata")
-        with gr.Row():
-            mask_overlay = gr.Image(type="pil", label="Predicted lesion mask", elem_id="mask-overlay")
-            lesion_image = gr.Image(
-                type="pil", label="Lesion image (second branch input, enlarged)", elem_id="lesion-image"
+                    with gr.Column(min_width=260):
+                        focus = gr.Markdown(label="Lesion focus", elem_id="focus")
+                        metadata = gr.Markdown(label="Metadata used", elem_id="metadata")
+                with gr.Row():
+                    mask_overlay = _image_panel("Predicted lesion mask", "mask-overlay")
+                    lesion_image = _image_panel("Lesion image (second branch input)", "lesion-image")
+                with gr.Row():
+                    cam_image = _image_panel("Grad-CAM: image branch", "cam-image")
+                    cam_lesion = _image_panel("Grad-CAM: lesion branch", "cam-lesion")
+        if model.ok and examples():
+            gr.Examples(
+                examples(),
+                inputs=[image, age, sex, site],
+                label="Examples (ISIC Archive, CC0): image, age, sex, anatomical site",
+                cache_examples=False,
+                elem_id="examples",
             )
-        with gr.Row():
-            cam_image = gr.Image(type="pil", label="Grad-CAM: image branch", elem_id="cam-image")
-            cam_lesion = gr.Image(type="pil", label="Grad-CAM: lesion branch", elem_id="cam-lesion")
+        gr.Markdown(model_status(model), elem_id="model-info")
         run.click(
             analyse,
             inputs=[image, age, sex, site],
@@ -512,13 +535,13 @@ def build(source: str | None = None) -> gr.Blocks:
             api_name="predict",
             preprocess=False,
         )
-    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=queue_size)
     return demo
 
 
 def launch_options() -> dict[str, Any]:
-    """Keyword arguments of `demo.launch` that are part of the app's safety limits."""
-    return {"max_file_size": MAX_FILE_SIZE, "show_error": True, "allowed_paths": [str(EXAMPLES_DIR)]}
+    """Keyword arguments of `demo.launch` that are part of the app's safety limits and look."""
+    return {"max_file_size": MAX_FILE_SIZE, "show_error": True, "allowed_paths": [str(EXAMPLES_DIR)], "css": CSS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -528,6 +551,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="Port (default: $GRADIO_SERVER_PORT or 7860).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:  # in a clone: an unreachable model id fails in seconds, with one line (a Space shows the reason instead)
+        from modeling_skinlesion.hub import check_model_source
+    except ImportError:
+        pass
+    else:
+        try:
+            check_model_source(model_source(args.model))
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     build(args.model).launch(server_name=args.host, server_port=args.port, **launch_options())
 
 
