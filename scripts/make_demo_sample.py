@@ -13,13 +13,18 @@ Usage:
     python scripts/make_demo_sample.py --source ../shared/data/ham10000 --out scripts/demo_data/ham10000-sample
 """
 
+from __future__ import annotations
+
 import argparse
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
+
+# numpy and pandas are imported after parsing, so `--help` answers at once.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -74,6 +79,8 @@ def class_quotas(counts: pd.Series, num_images: int, min_per_class: int) -> dict
 
 def select_lesions(metadata: pd.DataFrame, num_images: int, min_per_class: int, seed: int) -> pd.DataFrame:
     """Rows of whole lesions, stratified by `dx` (see the module docstring)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     lesions = metadata.groupby("lesion_id").agg(dx=("dx", "first"), size=("image_id", "size")).sort_index()
     if (metadata.groupby("lesion_id")["dx"].nunique() > 1).any():
@@ -93,26 +100,41 @@ def select_lesions(metadata: pd.DataFrame, num_images: int, min_per_class: int, 
     return selected.sort_values(["dx", "lesion_id", "image_id"]).reset_index(drop=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "ham10000")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "scripts" / "demo_data" / "ham10000-sample")
-    parser.add_argument("--num-images", type=int, default=300)
-    parser.add_argument("--min-per-class", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "data" / "ham10000",
+        help="HAM10000 folder: images/, masks/ and HAM10000_metadata.csv (default: ../shared/data/ham10000).",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "scripts" / "demo_data" / "ham10000-sample",
+        help="Folder to write; replaced if it exists (default: scripts/demo_data/ham10000-sample).",
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=300, help="About how many images to select (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--min-per-class", type=int, default=20, help="Fewest images of each class (default: %(default)s)."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the lesion order (default: %(default)s).")
+    args = parser.parse_args(argv)
     if args.num_images <= 0 or args.min_per_class <= 0:
-        raise ValueError(
-            f"`--num-images` and `--min-per-class` must be positive, got {args.num_images}, {args.min_per_class}."
+        parser.error(
+            f"--num-images and --min-per-class must be positive, got {args.num_images}, {args.min_per_class}."
         )
+    import pandas as pd
 
     metadata_csv = args.source / "HAM10000_metadata.csv"
     if not metadata_csv.is_file():
-        raise ValueError(f"`--source` must be a HAM10000 folder with HAM10000_metadata.csv, got {args.source}.")
+        parser.error(f"--source must be a HAM10000 folder with HAM10000_metadata.csv, got {args.source}.")
     metadata = pd.read_csv(metadata_csv, dtype={"age": "float64"}, keep_default_na=False, na_values=[""])
     missing = [c for c in COLUMNS if c not in metadata.columns]
     if missing:
-        raise ValueError(f"{metadata_csv} lacks the official columns {missing}.")
+        parser.error(f"{metadata_csv} lacks the official HAM10000 columns {missing}.")
     # Only images that have both the image and the mask file can be bundled.
     has_files = metadata["image_id"].map(
         lambda i: (

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a trained skin-dualnet checkpoint as a Hub-ready folder and, optionally, upload it.
+r"""Export a trained skin-dualnet checkpoint as a Hub-ready folder and, optionally, upload it.
 
 The folder holds everything a user needs with `transformers` alone:
 `config.json` (with `auto_map`), `model.safetensors`, the remote-code files (`configuration_skinlesion.py`,
@@ -25,22 +25,22 @@ Exit status: 0 on success; 1 for bad input or a refused upload (token, permissio
 reached (offline mode or no network). The exported folder is left intact in every case, ready for a later upload.
 """
 
+import argparse
+import dataclasses
 import importlib
 import json
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import huggingface_hub
-import torch
-from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
-from transformers import AutoModel, HfArgumentParser
+from transformers import HfArgumentParser  # transformers' top level is lazy: no torch until a model class is used
 
-from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionSegmenter, save_for_hub
-from modeling_skinlesion.model_card import DEFAULT_REPO_ID, load_metrics, training_datasets, write_model_card
+if TYPE_CHECKING:
+    from modeling_skinlesion import SkinLesionImageProcessor
+
+# torch, huggingface_hub's client and the package are imported after parsing, so `--help` answers at once.
 
 logger = logging.getLogger("push_to_hub")
 
@@ -59,8 +59,8 @@ class ExportArguments:
         default_factory=list,
         metadata={
             "help": "Training sets of the weights (ham10000, isic2017, isic2018, isic2019, or your own names). They "
-            "are described and cited in the card and decide its licence (CC BY-NC 4.0 for HAM10000/ISIC). Default: "
-            "the sets recorded in the training run's metrics.json."
+            "are described and cited in the card and decide its licence (CC BY-NC 4.0 for HAM10000/ISIC) (default: "
+            "the sets recorded in the training run's metrics.json)."
         },
     )
     metrics_file: str | None = field(
@@ -70,7 +70,13 @@ class ExportArguments:
             "the metrics.json a training script saved next to the model)."
         },
     )
-    repo_id: str = field(default=DEFAULT_REPO_ID, metadata={"help": "Hub repository id to upload to."})
+    repo_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub repository id to upload to and to name in the card's code examples (default: the "
+            "placeholder org/skin-dualnet; set your own with --push)."
+        },
+    )
     base_model: str | None = field(
         default=None,
         metadata={"help": "Checkpoint this one was fine-tuned from (default: `base_model` of the metrics JSON)."},
@@ -82,16 +88,35 @@ class ExportArguments:
         default="float32",
         metadata={
             "help": "Dtype of the floating-point tensors in model.safetensors. float16 halves the download; "
-            "the config keeps dtype float32, so from_pretrained restores float32 weights."
+            "the config keeps dtype float32, so from_pretrained restores float32 weights (default: %(default)s)."
         },
     )
     push: bool = field(default=False, metadata={"help": "Upload the folder to `repo_id` after writing it."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: $HF_TOKEN or the cached login)."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
-    commit_message: str = field(default="Upload skin-dualnet checkpoint", metadata={"help": "Upload commit message."})
+    commit_message: str = field(
+        default="Upload skin-dualnet checkpoint", metadata={"help": "Upload commit message (default: %(default)r)."}
+    )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty `output_dir` that is not a previous export."}
     )
+
+
+class ExportArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` over `ExportArguments` that shows the docstring as written and each default once (in the
+    help texts above), and makes a `bool` field that defaults to False a plain switch: HfArgumentParser itself writes
+    `--push [PUSH]` (an optional true/false value) and appends every default a second time."""
+
+    def __init__(self):
+        super().__init__(ExportArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        if field.type is bool and field.default is False:
+            options = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])
+            parser.add_argument(*options, action="store_true", help=field.metadata.get("help"))
+        else:
+            HfArgumentParser._parse_dataclass_field(parser, field)
 
 
 def find_training_record(model_path: str) -> Path | None:
@@ -126,8 +151,10 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def load_processor(model_path: str, config) -> SkinLesionImageProcessor:
+def load_processor(model_path: str, config) -> "SkinLesionImageProcessor":
     """The processor saved with the model, or the one its config implies."""
+    from modeling_skinlesion import SkinLesionImageProcessor
+
     try:
         return SkinLesionImageProcessor.from_pretrained(model_path)
     except OSError:
@@ -156,6 +183,7 @@ def release_training_facts(metrics: dict | None) -> dict[str, str] | None:
 
 def store_half_precision(path: Path) -> None:
     """Rewrite a safetensors file with its float32 tensors as float16 (integers, e.g. BatchNorm counters, kept)."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -187,6 +215,10 @@ def check_export(output_dir: Path) -> list[str]:
 
 
 def upload(output_dir: Path, args: ExportArguments) -> int:
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     folder_note = f"The exported folder is intact at {output_dir}; upload it later with --push."
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         logger.error(
@@ -219,8 +251,14 @@ def upload(output_dir: Path, args: ExportArguments) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = ExportArgumentParser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from transformers import AutoModel
+
+    from modeling_skinlesion import SkinDualNet, SkinLesionSegmenter, save_for_hub
+    from modeling_skinlesion.model_card import DEFAULT_REPO_ID, load_metrics, training_datasets, write_model_card
+
+    args.repo_id = args.repo_id or DEFAULT_REPO_ID
     output_dir = Path(args.output_dir)
     if output_dir.is_dir() and Path(args.model_path).resolve() == output_dir.resolve():
         # An existing export (e.g. the shipped checkpoints/skin-dualnet-small): check it and upload it unchanged.

