@@ -248,3 +248,59 @@ class CachedLoader(torch.utils.data.DataLoader):
         self.dataset.set_epoch(epoch)
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+
+def cached_dataloaders(
+    accelerator: Any,
+    args: Any,
+    model: nn.Module,
+    splits: Any,
+    train_transform: Any,
+    eval_transform: Any,
+    output_dir: Path,
+) -> tuple[CachedLoader, CachedLoader]:
+    """The frozen part's outputs for `args.cached_views` training views and the validation split, computed once (or
+    read back from `output_dir/feature-cache`), as this process's training and validation loaders. `args` holds
+    `train_classifier.py`'s options (frozen_stages, cached_views, train_masks, eval_masks, seed, batch sizes)."""
+    from _evaluation import lesion_masks
+
+    from modeling_skinlesion.data import build_dataloader, column_values
+
+    model.to(accelerator.device)
+    batch_size = args.eval_batch_size or 2 * args.batch_size
+    rank, quiet = accelerator.process_index, not accelerator.is_local_main_process
+    cache_dir = output_dir / "feature-cache"
+    train_images = accelerator.prepare(build_dataloader(splits["train"], train_transform, batch_size))
+    eval_images = accelerator.prepare(build_dataloader(splits["validation"], eval_transform, batch_size))
+    settings = {"seed": args.seed, "train_masks": args.train_masks, "size": model.config.image_size}
+    weights = weights_digest(model, args.frozen_stages)
+
+    def compute(images: Any, ground_truth: bool, dtype: torch.dtype, description: str) -> dict[str, torch.Tensor]:
+        masks = lambda batch: lesion_masks(model, batch, ground_truth)  # noqa: E731
+        return compute_view(model, images, args.frozen_stages, masks, dtype, description, quiet)
+
+    train_ids = column_values(splits["train"], "image_id")
+    views = []
+    for view in range(args.cached_views):
+        train_transform.set_epoch(view)
+        key = cache_key(weights, args.frozen_stages, train_ids, {**settings, "view": view})
+        description = f"cache train view {view + 1}/{args.cached_views}"
+        views.append(
+            load_or_compute(
+                cache_dir / f"train-view{view}-rank{rank}.pt",
+                key,
+                lambda description=description: compute(
+                    train_images, args.train_masks == "ground_truth", torch.float16, description
+                ),
+            )
+        )
+    train_transform.set_epoch(0)
+    eval_ids = column_values(splits["validation"], "image_id")
+    key = cache_key(weights, args.frozen_stages, eval_ids, {"eval_masks": args.eval_masks})
+    eval_view = load_or_compute(
+        cache_dir / f"validation-rank{rank}.pt",
+        key,
+        lambda: compute(eval_images, args.eval_masks == "ground_truth", torch.float32, "cache validation"),
+    )
+    train = CachedLoader(CachedFeatures(views, train=True, seed=args.seed), args.batch_size, True, args.seed)
+    return train, CachedLoader(CachedFeatures([eval_view], train=False), batch_size, False, args.seed)

@@ -1,8 +1,10 @@
-"""Helpers shared by `train_segmenter.py` and `train_classifier.py`: arguments, data, checkpoints, gathered
-predictions and metrics. The training loops themselves live in the two scripts, readable top to bottom."""
+"""The training run shared by `train_segmenter.py`, `train_classifier.py` and `finetune.py`, in the order a run
+uses it: the Accelerator and logging, the data (`load_sources` through `modeling_skinlesion.data.load_source`, the
+lesion-grouped split, the file check), the model helpers, checkpoints, `prepare_run` (loaders, AdamW, schedule,
+`accelerator.prepare`, resume) and `train_loop`, the one epoch loop of all three scripts. Each script keeps its
+arguments, model, loss, validation and saving in its own `main()`, readable top to bottom; evaluation helpers are in
+`_evaluation.py`, the command-line options in `_arguments.py`."""
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -11,14 +13,13 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import datasets
-import evaluate
-import numpy as np
 import torch
+from _arguments import DataArguments, SplitArguments, TrainingArguments
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
@@ -32,169 +33,13 @@ from modeling_skinlesion.data import (
     concatenate_sources,
     grouped_split,
     label_names,
-    load_clinic,
-    load_ham10000,
-    load_hub,
-    load_isic2017,
-    load_isic2018_task1,
-    load_isic2019,
+    load_source,
     validate_files,
 )
 
 logger = get_logger(__name__)
 
-DATASETS = ("ham10000", "isic2017", "isic2018_task1", "isic2019", "clinic", "hub")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class TrainingArguments:
-    """Arguments shared by both training scripts."""
-
-    config: str = field(
-        metadata={
-            "help": "Preset JSON (e.g. configuration/segmenter-tiny.json) or a saved model folder to start from."
-        }
-    )
-    output_dir: str = field(metadata={"help": "Where the model, checkpoints and metrics.json are written."})
-    dataset: list[str] = field(
-        default_factory=list,
-        metadata={"help": f"Data source(s), repeatable, paired in order with --data-root: {', '.join(DATASETS)}."},
-    )
-    data_root: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Root folder of each --dataset (a Hub dataset id for 'hub', the images folder for 'clinic')."
-        },
-    )
-    clinic_csv: str | None = field(default=None, metadata={"help": "CSV of a 'clinic' dataset."})
-    column_map: list[str] = field(
-        default_factory=list,
-        metadata={"help": "For 'clinic'/'hub': KEY=COLUMN pairs, e.g. image=file label=diagnosis age=age."},
-    )
-    hub_split: str = field(default="train", metadata={"help": "Split of a 'hub' dataset."})
-    val_size: float = field(default=0.15, metadata={"help": "Share of the data (by lesion group) for validation."})
-    test_size: float = field(default=0.0, metadata={"help": "Share held out as a test split (never trained on)."})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the grouped split (kept apart from --seed)."})
-    holdout_splits: str | None = field(
-        default=None,
-        metadata={
-            "help": "Another run's splits.json: its validation/test images (with their whole lesion groups) stay in "
-            "this run's validation/test split, so e.g. the segmenter never trains on the classifier's test lesions."
-        },
-    )
-    epochs: int = field(default=10, metadata={"help": "Training epochs."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
-    batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
-    eval_batch_size: int | None = field(default=None, metadata={"help": "Evaluation batch size (default: 2x)."})
-    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate (AdamW, cosine schedule with warmup)."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps used for linear warmup."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Accelerate precision."})
-    backbone_pretrained: bool = field(
-        default=False, metadata={"help": "Load ImageNet weights into the timm trunks first (needs the Hub)."}
-    )
-    checkpointing_steps: str = field(
-        default="epoch", metadata={"help": "Save the training state every N steps, every 'epoch', or 'none'."}
-    )
-    keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept (oldest removed first)."})
-    resume: str | None = field(default=None, metadata={"help": "'latest' (in --output-dir) or a checkpoint folder."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training images (quick runs)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation images (quick runs)."})
-    bad_files: Literal["skip", "raise", "unchecked"] = field(
-        default="skip",
-        metadata={"help": "Before training, open every file: skip bad ones with a report, raise, or do not check."},
-    )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in the backward pass: less memory, about a third more compute."},
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, shuffling and augmentation."})
-    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: none, all, tensorboard, wandb..."})
-    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is available."})
-    log_samples: bool = field(
-        default=False, metadata={"help": "Write the image ids each process trains on to output_dir/samples/."}
-    )
-
-
-def _argparse_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse `type` and extra kwargs for a dataclass field annotation."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Literal:
-        return type(args[0]), {"choices": list(args)}
-    if origin in (list,):
-        return args[0], {"nargs": "+", "action": "extend"}
-    if args and type(None) in args:  # X | None
-        inner = [a for a in args if a is not type(None)][0]
-        return _argparse_type(inner)
-    return annotation, {}
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, the script's docstring (with its example commands) kept as written."""
-
-
-def parse_arguments(cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
-    """Build an argparse parser from a dataclass (help texts from field metadata) and parse `argv`.
-    Fields `snake_case` become `--snake-case`; list fields are repeatable and take several values."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
-    for item in dataclasses.fields(cls):
-        flag = "--" + item.name.replace("_", "-")
-        help_text = item.metadata.get("help", "")
-        required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
-        if item.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
-            continue
-        kind, extra = _argparse_type(item.type)
-        default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
-        if required:
-            parser.add_argument(flag, type=kind, required=True, help=help_text, **extra)
-        else:
-            parser.add_argument(
-                flag, type=kind, default=None if extra.get("nargs") else default, help=help_text, **extra
-            )
-    namespace = vars(parser.parse_args(argv))
-    for item in dataclasses.fields(cls):
-        if namespace[item.name] is None and item.default_factory is not dataclasses.MISSING:
-            namespace[item.name] = item.default_factory()
-    args = cls(**namespace)
-    check_arguments(args, parser)
-    return args
-
-
-def check_arguments(args: TrainingArguments, parser: argparse.ArgumentParser) -> None:
-    if not args.dataset or len(args.dataset) != len(args.data_root):
-        parser.error(
-            f"give one --data-root per --dataset (got datasets {args.dataset} and roots {args.data_root}); "
-            "e.g. --dataset ham10000 --data-root ../shared/data/ham10000"
-        )
-    unknown = [name for name in args.dataset if name not in DATASETS]
-    if unknown:
-        parser.error(f"unknown --dataset {unknown}; choose from {list(DATASETS)}")
-    if "clinic" in args.dataset and not args.clinic_csv:
-        parser.error("--dataset clinic needs --clinic-csv and --column-map image=COLUMN ...")
-    for name, value in (
-        ("--epochs", args.epochs),
-        ("--batch-size", args.batch_size),
-        ("--grad-accum", args.grad_accum),
-    ):
-        if value < 1:
-            parser.error(f"{name} must be at least 1, got {value}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.checkpointing_steps not in ("epoch", "none") and not args.checkpointing_steps.isdigit():
-        parser.error(f"--checkpointing-steps must be a number, 'epoch' or 'none', got {args.checkpointing_steps!r}")
-    if args.keep_checkpoints < 1:
-        parser.error(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    for pair in args.column_map:
-        if "=" not in pair:
-            parser.error(f"--column-map entries must be KEY=COLUMN, got {pair!r}")
 
 
 def build_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
@@ -244,26 +89,21 @@ def setup_logging(accelerator: Accelerator) -> None:
 # Data
 # --------------------------------------------------------------------------------------------------------------------
 def load_sources(
-    args: TrainingArguments, task: Literal["segmentation", "classification"], label_set: str = "ham10000"
-):
-    """Load and concatenate every --dataset. Segmentation keeps rows with masks and drops labels; classification
-    keeps labelled rows (masks used when present)."""
+    args: DataArguments, task: Literal["segmentation", "classification"], label_set: str = "ham10000"
+) -> datasets.Dataset:
+    """Load every --dataset through `modeling_skinlesion.data.load_source` and concatenate them. The official layouts
+    get the masks and the label set the task asks for; 'clinic' its CSV and column map, 'hub' its split and column map.
+    Segmentation keeps rows with masks and drops labels; classification keeps labelled rows (masks used when
+    present)."""
     column_map = dict(pair.split("=", 1) for pair in args.column_map)
-    masks = True if task == "segmentation" else "optional"
+    options = {
+        "clinic": {"csv_path": args.clinic_csv, "column_map": column_map},
+        "hub": {"split": args.hub_split, "column_map": column_map or None},
+    }
+    official = {"masks": True if task == "segmentation" else "optional", "labels": label_set}
     parts = []
     for name, root in zip(args.dataset, args.data_root):
-        if name == "ham10000":
-            part = load_ham10000(root, masks=masks, labels=label_set)
-        elif name == "isic2017":
-            part = load_isic2017(root, masks=masks)
-        elif name == "isic2018_task1":
-            part = load_isic2018_task1(root)
-        elif name == "isic2019":
-            part = load_isic2019(root)
-        elif name == "clinic":
-            part = load_clinic(root, args.clinic_csv, column_map)
-        else:
-            part = load_hub(root, split=args.hub_split, column_map=column_map or None)
+        part = load_source(name, root, **options.get(name, official))
         logger.info(f"Loaded {len(part)} images from {name} ({root})")
         parts.append(part)
     dataset = concatenate_sources(parts, drop_labels=task == "segmentation")
@@ -277,13 +117,11 @@ def load_sources(
     return dataset
 
 
-def prepare_splits(
-    args: TrainingArguments, dataset: datasets.Dataset, stratify_column: str, require_masks: bool
-) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    """Grouped split → optional caps → file check of the splits used in training → split ids written to
-    `output_dir/splits.json` (so evaluation can rebuild the held-out split)."""
+def split_dataset(args: SplitArguments, dataset: datasets.Dataset, stratify_column: str) -> datasets.DatasetDict:
+    """The lesion-grouped split of `dataset` (`grouped_split` with --val-size, --test-size, --split-seed), with the
+    validation/test lesions of --holdout-splits kept in validation/test. Training and evaluation both split here."""
     forced: dict[str, list[int]] = {"validation": [], "test": []}
-    if getattr(args, "holdout_splits", None):
+    if args.holdout_splits:
         recorded = json.loads(Path(args.holdout_splits).read_text())
         where = {image_id: name for name in forced for image_id in recorded.get(name, [])}
         groups = column_values(dataset, "group_id")
@@ -299,21 +137,30 @@ def prepare_splits(
     held = set(forced["validation"]) | set(forced["test"])
     rest = dataset.select([i for i in range(len(dataset)) if i not in held]) if held else dataset
     splits = grouped_split(
-        rest,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        seed=args.split_seed,
-        stratify_column=stratify_column,
+        rest, val_size=args.val_size, test_size=args.test_size, seed=args.split_seed, stratify_column=stratify_column
     )
     for name, indices in forced.items():
         if indices:
             part = dataset.select(indices)
             splits[name] = datasets.concatenate_datasets([splits[name], part]) if name in splits else part
+    return splits
+
+
+def cap(split: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    """At most `limit` rows of `split`, drawn with `seed` (--max-train-samples, --max-eval-samples)."""
+    return split.shuffle(seed=seed).select(range(limit)) if limit is not None and limit < len(split) else split
+
+
+def prepare_splits(
+    args: Any, dataset: datasets.Dataset, stratify_column: str, require_masks: bool
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """`split_dataset` → the --max-train-samples / --max-eval-samples caps → file check of the train and validation
+    splits (`args` holds the split and training options). Returns the splits and the file-check report."""
+    splits = split_dataset(args, dataset, stratify_column)
     if len(splits["validation"]) == 0:
         raise ValueError("The validation split is empty; raise --val-size or add data.")
-    for name, cap in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if cap is not None and cap < len(splits[name]):
-            splits[name] = splits[name].shuffle(seed=args.split_seed).select(range(cap))
+    splits["train"] = cap(splits["train"], args.max_train_samples, args.split_seed)
+    splits["validation"] = cap(splits["validation"], args.max_eval_samples, args.split_seed)
     report: dict[str, Any] = {}
     if args.bad_files != "unchecked":
         for name in ("train", "validation"):
@@ -326,10 +173,13 @@ def prepare_splits(
     return splits, report
 
 
-def write_split_ids(path: Path, splits: datasets.DatasetDict, args: TrainingArguments) -> None:
+def write_split_ids(
+    path: Path, splits: datasets.DatasetDict, args: SplitArguments, dataset: list[str], data_root: list[str]
+) -> None:
+    """`splits.json`: the image ids of each split and how they were drawn, for evaluation and --holdout-splits."""
     payload = {
-        "dataset": args.dataset,
-        "data_root": args.data_root,
+        "dataset": dataset,
+        "data_root": data_root,
         "val_size": args.val_size,
         "test_size": args.test_size,
         "split_seed": args.split_seed,
@@ -495,80 +345,8 @@ def load_best(accelerator: Accelerator, model: torch.nn.Module, directory: Path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Gathered predictions and metrics
-# --------------------------------------------------------------------------------------------------------------------
-def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """Copy the main process's buffers (BatchNorm running statistics) to the others. DDP only does this at the start
-    of each training forward, so after an epoch every process holds the statistics of its own last batch; evaluation
-    must use the model the main process saves."""
-    if accelerator.num_processes > 1:
-        for buffer in accelerator.unwrap_model(model).buffers():
-            torch.distributed.broadcast(buffer.data, src=0)
-
-
-def gather_by_index(accelerator: Accelerator, indices: list[torch.Tensor], *values: list[torch.Tensor]):
-    """Gather per-process predictions keyed by dataset row index, drop the duplicates that even batching adds and
-    sort by index. Returns numpy arrays `(indices, *values)` identical on every process."""
-    device = accelerator.device
-    local = [torch.cat(indices).to(device) if indices else torch.zeros(0, dtype=torch.long, device=device)]
-    for chunks in values:
-        local.append(torch.cat(chunks).to(device))
-    padded = [accelerator.pad_across_processes(local[0], dim=0, pad_index=-1)]
-    padded += [accelerator.pad_across_processes(tensor, dim=0) for tensor in local[1:]]
-    gathered = [accelerator.gather(tensor).cpu().numpy() for tensor in padded]
-    index = gathered[0]
-    valid = index >= 0
-    unique, first = np.unique(index[valid], return_index=True)
-    return (unique, *[array[valid][first] for array in gathered[1:]])
-
-
-_METRICS: dict[str, Any] = {}
-
-
-def metric(name: str):
-    """The shipped `evaluate` module `name` (loaded by path, so offline), loaded once per process."""
-    if name not in _METRICS:
-        from modeling_skinlesion.metrics import metric_path
-
-        _METRICS[name] = evaluate.load(metric_path(name), keep_in_memory=True)
-    return _METRICS[name]
-
-
-def segmentation_metrics(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """Per-image Dice, Jaccard, thresholded Jaccard, sensitivity, specificity, accuracy, macro-averaged."""
-    return metric("lesion_segmentation").compute(predictions=list(predictions), references=list(references))
-
-
-def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro/per-class ROC AUC, per-class sensitivity/specificity, ECE."""
-    probabilities = probabilities.astype(np.float64)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 softmax rows can miss 1 by ~1e-7
-    return metric("lesion_classification").compute(
-        predictions=probabilities, references=labels.tolist(), label_names=names
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Output files
 # --------------------------------------------------------------------------------------------------------------------
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the negative log-likelihood of `softmax(logits / T)`
-    on held-out `labels`, by L-BFGS on log T."""
-    logits_t = torch.as_tensor(logits, dtype=torch.float64)
-    labels_t = torch.as_tensor(labels, dtype=torch.long)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits_t / log_t.exp(), labels_t)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.exp().item())
-
-
 class SampleLog:
     """With --log-samples, one line `epoch<TAB>index<TAB>image_id` per training image, one file per process."""
 
@@ -593,35 +371,33 @@ def format_metrics(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " ".join(f"{key} {metrics[key]:.4f}" for key in keys if isinstance(metrics.get(key), (int, float)))
 
 
-def write_model_card(
-    output_dir: Path, title: str, args: TrainingArguments, split: dict[str, Any], best: dict[str, Any]
+def training_facts(args: Any, metrics: dict[str, Any]) -> dict[str, str]:
+    """The run's split, schedule and wall time, for the "Training data" list of the model card."""
+    split = ", ".join(f"{name} {entry['images']} images" for name, entry in metrics["split"].items())
+    return {
+        "split": f"lesion-grouped, seed {args.split_seed}: {split}",
+        "schedule": f"{len(metrics['history'])} epochs, {metrics['steps']} steps of batch {args.batch_size} x "
+        f"{metrics['num_processes']} process(es) x {args.grad_accum} accumulation, lr {args.lr}, seed {args.seed}, "
+        f"precision {args.mixed_precision}",
+        "wall time": f"{metrics['wall_time_s'] / 60:.1f} min",
+    }
+
+
+def save_run(
+    accelerator: Accelerator, output_dir: Path, model: Any, processor: Any, metrics: dict[str, Any], **card: Any
 ) -> None:
-    """A short model card: data, split, training settings and the best validation metrics."""
-    scores = {k: round(v, 4) for k, v in best.get("validation", {}).items() if isinstance(v, (int, float))}
-    lines = [
-        f"# {title}",
-        "",
-        "Trained with skin-dualnet's training script. Research use only: not a medical device.",
-        "",
-        "## Training data",
-        "",
-        *[f"- `{name}` at `{root}`" for name, root in zip(args.dataset, args.data_root)],
-        f"- Grouped split (by lesion), seed {args.split_seed}: "
-        + ", ".join(f"{name} {entry['images']} images" for name, entry in split.items()),
-        "",
-        "HAM10000 and ISIC images are CC BY-NC 4.0: weights trained on them are for non-commercial use.",
-        "",
-        "## Training",
-        "",
-        f"- epochs {args.epochs}, max steps {args.max_steps}, batch size {args.batch_size} x {args.grad_accum} "
-        f"accumulation, lr {args.lr}, seed {args.seed}, precision {args.mixed_precision}",
-        "",
-        "## Validation (best epoch)",
-        "",
-        f"- epoch {best.get('epoch')}: " + ", ".join(f"{k} {v}" for k, v in scores.items()),
-        "",
-    ]
-    (output_dir / "README.md").write_text("\n".join(lines))
+    """On the main process: the model (safetensors), its image processor, metrics.json and the model card
+    (`modeling_skinlesion.model_card.write_model_card` with the `card` keywords) in `output_dir`."""
+    from modeling_skinlesion.model_card import training_datasets, write_model_card
+
+    card.setdefault("datasets", training_datasets(metrics))
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(output_dir, safe_serialization=True)
+        processor.save_pretrained(output_dir)
+        write_json(output_dir / "metrics.json", metrics)
+        write_model_card(output_dir, model.config, metrics=metrics, **card)
+    accelerator.wait_for_everyone()
 
 
 class Timer:
@@ -748,13 +524,15 @@ def train_loop(
     blank_batch: Any,
     best_key: str,
     scores: tuple[str, ...],
+    frozen: tuple[torch.nn.Module, ...] = (),
 ) -> None:
     """The epochs both training scripts run: accumulated, clipped AdamW steps with step checkpoints, then per epoch
     validation, best-model selection on `best_key`, a log line, tracker scalars and an end-of-epoch checkpoint.
 
     `compute_loss(model, batch)` returns the batch loss, `evaluate(model)` the validation metrics, and
     `blank_batch()` a one-image stand-in for a batch whose every image was unreadable (it runs with a zero loss
-    weight, because the other processes still expect this one in the gradient all-reduce). Progress lives in
+    weight, because the other processes still expect this one in the gradient all-reduce). The `frozen` modules stay
+    in eval mode while the rest trains (their BatchNorm statistics stay as loaded). Progress lives in
     `run.state` (history, best epoch, steps), which checkpoints carry, so a resumed run continues where it stopped.
     """
     model, state, progress = run.model, run.state, run.progress
@@ -763,6 +541,8 @@ def train_loop(
         if state.completed_steps >= run.max_steps:
             break
         model.train()
+        for module in frozen:
+            module.eval()
         train_transform.set_epoch(epoch)
         run.train_dataloader.set_epoch(epoch)
         batches = run.train_dataloader

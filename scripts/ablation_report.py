@@ -19,74 +19,51 @@ It also picks the variant to export (best validation balanced accuracy in its tr
 `card_metrics.json` for `scripts/push_to_hub.py --metrics-file`.
 """
 
-import argparse
-import json
-import logging
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
-from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _training as T  # noqa: E402
 
-from modeling_skinlesion import SkinLesionMetadataProcessor  # noqa: E402
-from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values  # noqa: E402
+from _arguments import DataArguments, EvaluationArguments, parse_arguments, with_default  # noqa: E402
 
-logger = logging.getLogger(__name__)
 SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
 COMPARISONS = (("b", "a", "dual vs single"), ("c", "b", "metadata vs none"), ("c", "d", "metadata at test")) + (
     ("c", "a", "full vs single"),
 )
 
 
-def parse_pairs(values: list[str], option: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, target = value.partition("=")
-        if not sep or not name or not target:
-            raise ValueError(f"`{option}` takes NAME=VALUE pairs, got {value!r}.")
-        pairs[name] = target
-    return pairs
+@dataclass(kw_only=True)
+class AblationArguments(EvaluationArguments, DataArguments):
+    _argument_group_name = "ablation"
 
+    model: list[str] = field(metadata={"help": "NAME=FOLDER of each trained classifier."})
+    no_metadata_variant: list[str] = field(
+        default_factory=list, metadata={"help": "NEW=NAME: model NAME scored again with its metadata withheld."}
+    )
+    output_dir: str = field(metadata={"help": "Folder for results.json, results.md, card_metrics.json and CSVs."})
+    focus_samples: int = field(default=128, metadata={"help": "Test images scored for lesion focus."})
+    bootstrap: int = field(default=2000, metadata={"help": "Lesion-clustered bootstrap resamples."})
+    bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap resamples."})
 
-def predict(model, dataloader, drop_metadata: bool, focus_limit: int, scripts) -> dict[str, Any]:
-    """Probabilities, labels and ids over the split; Grad-CAM lesion focus per branch on the first `focus_limit`."""
-    probabilities, labels, ids, focus = [], [], [], {}
-    for batch in dataloader:
-        if batch["pixel_values"].shape[0] == 0:
-            continue
-        inputs = {key: batch[key] for key in ("pixel_values", "age", "sex_ids", "site_ids")}
-        if drop_metadata:
-            inputs["age"] = torch.full_like(inputs["age"], float("nan"))
-            inputs["sex_ids"] = torch.zeros_like(inputs["sex_ids"])
-            inputs["site_ids"] = torch.zeros_like(inputs["site_ids"])
-        with torch.no_grad():
-            outputs = model(**inputs)
-        probabilities.append(outputs.logits.float().softmax(-1))
-        labels.append(batch["labels"])
-        ids += batch["image_id"]
-        remaining = focus_limit - len(focus.get("image", []))
-        if remaining > 0:
-            if not bool(batch["has_mask"].all()):
-                raise ValueError("Lesion focus needs a ground-truth mask for every test image.")
-            part = {key: value[:remaining] for key, value in inputs.items()}
-            reference = batch["lesion_mask"][:remaining]
-            for branch, values in scripts.lesion_focus_scores(model, part, reference).items():
-                focus.setdefault(branch, []).extend(values)
-            # What a uniform heatmap would score on the image branch: the lesion's share of the image.
-            focus.setdefault("chance", []).extend((reference > 0.5).float().flatten(1).mean(1).tolist())
-    return {
-        "probabilities": torch.cat(probabilities).double().numpy(),
-        "labels": torch.cat(labels).numpy(),
-        "image_ids": ids,
-        "lesion_focus": focus,
-    }
+    # The ablation scores the HAM10000 classifiers: --dataset defaults to it (give --data-root only).
+    dataset: list[str] = with_default(DataArguments, "dataset", ["ham10000"])
+
+    def check(self) -> None:
+        pairs = {"--model": self.model, "--no-metadata-variant": self.no_metadata_variant}
+        for option, values in pairs.items():
+            for value in values:
+                name, sep, target = value.partition("=")
+                if not sep or not name or not target:
+                    raise ValueError(f"{option} takes NAME=VALUE pairs, got {value!r}")
+        names = [value.partition("=")[0] for value in self.model]
+        for value in self.no_metadata_variant:
+            new, _, base = value.partition("=")
+            if base not in names:
+                raise ValueError(f"--no-metadata-variant {new}={base}: {base!r} is not a --model name ({names})")
 
 
 def balanced_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -165,30 +142,30 @@ def markdown_table(rows: dict[str, dict[str, Any]], descriptions: dict[str, str]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True, help="The HAM10000 folder the classifiers were trained on.")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--model", nargs="+", required=True, help="NAME=FOLDER of each trained classifier.")
-    parser.add_argument("--no-metadata-variant", nargs="*", default=[], help="NEW=NAME: NAME without metadata.")
-    parser.add_argument("--focus-samples", type=int, default=128, help="Test images scored for lesion focus.")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="Lesion-clustered bootstrap resamples.")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
-    PartialState(cpu=True)  # the training helpers log through Accelerate
-    import evaluate_model as scripts
+    args = parse_arguments(AblationArguments, argv, description=__doc__)
 
-    models = parse_pairs(args.model, "--model")
-    ablations = parse_pairs(args.no_metadata_variant, "--no-metadata-variant")
-    for new, base in ablations.items():
-        if base not in models:
-            raise ValueError(
-                f"`--no-metadata-variant {new}={base}`: {base!r} is not a `--model` name ({sorted(models)})."
-            )
+    # The heavy imports come after parsing, so that --help and usage errors answer at once.
+    import json
+    import logging
+    import time
+
+    import _evaluation as E
+    import _training as T
+    import pandas as pd
+    import torch
+    from accelerate import PartialState
+
+    from modeling_skinlesion import SkinLesionMetadataProcessor
+    from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
+    logger = logging.getLogger("ablation_report")
+    device = torch.device(args.device) if args.device else PartialState().device  # the data helpers need its state
+    models = dict(value.split("=", 1) for value in args.model)
+    ablations = dict(value.split("=", 1) for value in args.no_metadata_variant)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.bootstrap_seed)
 
     # The one test split all variants share ---------------------------------------------------------------------------
     test_ids = {
@@ -200,12 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"The test split of {models[name]} differs from that of {models[reference_name]}.")
     if not test_ids[reference_name]:
         raise ValueError(f"{models[reference_name]}/splits.json has no test images; train with --test-size > 0.")
-    data_args = scripts.parse_args(
-        ["--model", models[reference_name], "--output-dir", str(output_dir), "--dataset", "ham10000", "--data-root",
-         args.data_root, "--split", "test", "--splits-file", str(Path(models[reference_name]) / "splits.json")]
-    )  # fmt: skip
-    dataset = T.load_sources(data_args, "classification", label_set="ham10000")
-    split = scripts.select_split(data_args, dataset, "label")
+    dataset = T.load_sources(args, "classification", label_set="ham10000")
+    split = E.select_ids(dataset, test_ids[reference_name], f"{models[reference_name]}/splits.json")
+    if args.focus_samples and not all(has for has in column_values(split, "has_mask")[: args.focus_samples]):
+        raise ValueError("Lesion focus needs a ground-truth mask for every test image it scores.")
     group_of = dict(zip(column_values(split, "image_id"), column_values(split, "group_id")))
     logger.info(f"Test split: {len(split)} images of {len(set(group_of.values()))} lesions")
 
@@ -218,20 +193,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_probabilities: dict[str, dict[str, np.ndarray]] = {"raw": {}, "adjusted": {}}
     for name, folder, drop_metadata in runs:
         start = time.perf_counter()
-        model, processor = scripts.load_model(folder, torch.device("cpu"))
-        names = scripts.model_labels(model)
+        model, processor = E.load_model(folder, device)
+        names = E.model_labels(model)
         transform = SkinLesionTransform(
             processor, train=False, metadata_processor=SkinLesionMetadataProcessor.from_config(model.config)
         )
         dataloader = build_dataloader(split, transform, args.batch_size)
-        predicted = predict(model, dataloader, drop_metadata, args.focus_samples, scripts)
-        variant_labels = scripts.label_remap(split, names)[predicted["labels"]]
+        predicted = E.predict_classifier(
+            model, dataloader, device, focus_limit=args.focus_samples, drop_metadata=drop_metadata
+        )
+        variant_labels = E.label_remap(split, names)[predicted["labels"]]
         if labels is None:
             labels = variant_labels
             groups = np.array([group_of[image_id] for image_id in predicted["image_ids"]])
         elif not np.array_equal(labels, variant_labels):
             raise ValueError(f"Variant {name} saw the test images in another order.")
-        metrics = scripts.classification_metrics(predicted["probabilities"], variant_labels, names)
+        metrics = E.classification_metrics(predicted["probabilities"], variant_labels, names)
         # Prior-adjusted decision (logit adjustment): divide by the training run's class frequencies, so that a model
         # whose argmax collapses onto the majority class still shows what its scores separate.
         counts = json.loads((Path(folder) / "metrics.json").read_text())["split"]["train"]["class_counts"]
@@ -266,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logger.info(f"({name}) {descriptions[name]}: " + T.format_metrics(metrics, SCORES) + f" | {rows[name]}")
         del model
 
-    differences = bootstrap_differences(test_probabilities, labels, groups, args.bootstrap, args.seed)
+    differences = bootstrap_differences(test_probabilities, labels, groups, args.bootstrap, args.bootstrap_seed)
 
     # The model to export: the best validation balanced accuracy of its own training run (never the test score) ----
     validation = {

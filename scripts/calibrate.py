@@ -6,8 +6,9 @@
 
 The validation split of `--splits-file` (or all images of the data given, e.g. a clinic's own held-out cases) goes
 through the model's ordinary forward (its own lesion masks, as at inference) with the current bias and temperature
-removed; then `train_classifier.py`'s `fit_calibration` fits the bias (with `--tune-logit-bias`) and the temperature,
-writes them into the model folder's config.json and records them under `calibration` in its metrics.json.
+removed; then `fit_calibration` (of `_evaluation.py`, the one `train_classifier.py` uses) fits the bias (with
+`--tune-logit-bias`) and the temperature, writes them into the model folder's config.json and records them under
+`calibration` in its metrics.json.
 """
 
 import argparse
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _training as T
-    from train_classifier import fit_calibration, image_forward, predict_logits
+    from _evaluation import fit_calibration, image_forward, predict_logits
 
     from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionMetadataProcessor
     from modeling_skinlesion.data import (
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = SkinLesionMetadataProcessor.from_config(model.config)
     loader = build_dataloader(dataset, SkinLesionTransform(processor, metadata_processor=metadata), args.batch_size)
     logits, labels = predict_logits(
-        model, loader, accelerator, lambda m, batch: image_forward(m, batch, False, accelerator)
+        model, loader, accelerator, lambda m, batch: image_forward(m, batch, use_ground_truth=False)
     )
     logging.info(f"{len(labels)} held-out images")
     report = fit_calibration(model.config, logits, labels, train_counts, args.tune_logit_bias, True)

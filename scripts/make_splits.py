@@ -10,41 +10,37 @@ segmenter's own validation/test splits, and the classifier trained later with th
 (its `splits.json` equals this file's ids).
 """
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _arguments import DataArguments, SplitArguments, TrainingArguments, parse_arguments, with_default  # noqa: E402
+
+
+@dataclass(kw_only=True)
+class MakeSplitsArguments(DataArguments, SplitArguments):
+    _argument_group_name = "output"
+
+    output: str = field(metadata={"help": "Where to write the splits.json."})
+    # The classifier's training-image cap, so a capped run's split can be written too.
+    max_train_samples: int | None = with_default(TrainingArguments, "max_train_samples", None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True, help="Data source(s), as for training.")
-    parser.add_argument("--data-root", action="append", required=True, help="Root folder of each --dataset.")
-    parser.add_argument("--val-size", type=float, default=0.15, help="Share of the lesions for validation.")
-    parser.add_argument("--test-size", type=float, default=0.0, help="Share of the lesions held out for testing.")
-    parser.add_argument("--split-seed", type=int, default=0, help="Seed of the grouped split.")
-    parser.add_argument("--output", type=Path, required=True, help="Where to write the splits.json.")
-    args = parser.parse_args(argv)
+    args = parse_arguments(MakeSplitsArguments, argv, description=__doc__)
 
+    import _training as T
     from accelerate import PartialState
 
-    PartialState()  # the training helpers log through Accelerate
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _training as T
-
-    options = T.TrainingArguments(
-        config="",
-        output_dir=str(args.output.parent),
-        dataset=args.dataset,
-        data_root=args.data_root,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        split_seed=args.split_seed,
-    )
-    dataset = T.load_sources(options, "classification")
-    splits, _ = T.prepare_splits(options, dataset, stratify_column="label", require_masks=False)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    T.write_split_ids(args.output, splits, options)
-    print(f"Wrote {args.output}: " + ", ".join(f"{name} {len(split)} images" for name, split in splits.items()))
+    PartialState()  # the data helpers log through Accelerate
+    dataset = T.load_sources(args, "classification")
+    splits, _ = T.prepare_splits(args, dataset, stratify_column="label", require_masks=False)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    T.write_split_ids(output, splits, args, args.dataset, args.data_root)
+    print(f"Wrote {output}: " + ", ".join(f"{name} {len(split)} images" for name, split in splits.items()))
     return 0
 
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import pipeline
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _training as T
+    import _evaluation as E
 
     from modeling_skinlesion.data import column_values, load_ham10000
 
@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels)
 
-    overall = T.classification_metrics(probabilities, labels, names)
+    overall = E.classification_metrics(probabilities, labels, names)
     # The probabilities were divided by the stored temperature: multiplying log p by it gives the uncalibrated ones.
     temperature = float(config.temperature)
     uncalibrated = torch.from_numpy(np.log(np.clip(probabilities, 1e-12, 1)) * temperature).softmax(-1).numpy()
-    before = T.classification_metrics(uncalibrated, labels, names)
+    before = E.classification_metrics(uncalibrated, labels, names)
 
     def score(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
         predicted = p.argmax(1)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         probabilities,
         labels,
         groups,
-        lambda p, y: {"macro_auc": T.classification_metrics(p, y, names)["macro_auc"]} if len(set(y)) > 1 else {},
+        lambda p, y: {"macro_auc": E.classification_metrics(p, y, names)["macro_auc"]} if len(set(y)) > 1 else {},
         max(args.bootstrap // 10, 100),
         args.seed,
     )
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             if member.sum() < args.min_group or len(set(y.tolist())) < 2:
                 entry["too_small"] = True
             else:
-                scores = T.classification_metrics(probabilities[member], y, names)
+                scores = E.classification_metrics(probabilities[member], y, names)
                 entry.update({key: scores[key] for key in ("accuracy", "balanced_accuracy", "macro_auc")})
                 mel = names.index("mel")
                 if (y == mel).sum() >= 10:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["melanoma_images"] = int((y == mel).sum())
             subgroups[field][value] = entry
 
-    segmentation = T.segmentation_metrics([m for m, _ in masks], [r for _, r in masks])
+    segmentation = E.segmentation_metrics([m for m, _ in masks], [r for _, r in masks])
     training = json.loads(Path(args.training_metrics).read_text()) if args.training_metrics else {}
     segmenter = {}
     for pair in args.segmenter_metrics:

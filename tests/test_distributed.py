@@ -12,19 +12,19 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, SCRIPTS
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-# Evaluates a saved model on the validation ids of a run in ONE process, with the scripts' own evaluation function.
+# Evaluates a saved model on the validation ids of a run in ONE process, with the scripts' own validation function.
 # Batches of one image, as in the job: CPU kernels may round differently for another batch size (a 1e-8 change in a
 # probability, or a pixel flipping at the mask threshold).
 SINGLE_PROCESS_EVALUATION = """
 import json, sys
 from pathlib import Path
-sys.path.insert(0, str(Path(sys.argv[1]) / "scripts"))
+sys.path.insert(0, sys.argv[1])
 from accelerate import Accelerator
 from transformers import AutoModel
 from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
@@ -39,17 +39,14 @@ model = AutoModel.from_pretrained(output_dir)
 processor = SkinLesionImageProcessor.from_model_config(model.config)
 accelerator = Accelerator(cpu=True)
 assert accelerator.num_processes == 1
+from _evaluation import image_forward, validate_classifier, validate_segmenter
 if script == "segmenter":
-    from train_segmenter import evaluate_segmenter
     loader = build_dataloader(dataset, SkinLesionTransform(processor), batch_size=1)
-    metrics = evaluate_segmenter(model, loader, accelerator)
+    metrics = validate_segmenter(model, loader, accelerator)
 else:
-    from train_classifier import evaluate_classifier, image_forward
     metadata = SkinLesionMetadataProcessor.from_config(model.config)
     loader = build_dataloader(dataset, SkinLesionTransform(processor, metadata_processor=metadata), batch_size=1)
-    metrics = evaluate_classifier(
-        model, loader, accelerator, lambda m, batch: image_forward(m, batch, False, accelerator)
-    )
+    metrics = validate_classifier(model, loader, accelerator, lambda m, batch: image_forward(m, batch, False))
 print("METRICS " + json.dumps(metrics))
 """
 
@@ -79,7 +76,7 @@ def test_two_process_cpu_job(script: str, data_root: Path, presets: Path, tmp_pa
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "scripts" / f"train_{script}.py"),
+        str(SCRIPTS / f"train_{script}.py"),
         "--config", str(preset), "--dataset", "ham10000", "--data-root", str(data_root / "ham10000"),
         "--output-dir", str(tmp_path), "--epochs", "2", "--batch-size", "2",
         # 16 training images = 2 processes x batch 2 x 4 steps: nothing repeated to even out the last batch.
@@ -91,7 +88,7 @@ def test_two_process_cpu_job(script: str, data_root: Path, presets: Path, tmp_pa
         # The validation metrics are those of the best epoch before calibration; a temperature fitted afterwards
         # would change the saved model's probabilities (tests/test_training.py covers the calibration).
         command.append("--no-calibrate")
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "terminate called" not in result.stderr
     assert "destroy_process_group" not in result.stderr  # torch warns when a process group is left alive
@@ -122,12 +119,12 @@ def test_two_process_cpu_job(script: str, data_root: Path, presets: Path, tmp_pa
             sys.executable,
             "-c",
             SINGLE_PROCESS_EVALUATION,
-            str(REPO),
+            str(SCRIPTS),
             script,
             str(tmp_path),
             str(data_root / "ham10000"),
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=ENV,
         capture_output=True,
         text=True,

@@ -1,8 +1,6 @@
 """scripts/evaluate_model.py: metrics of saved models on real data, the training run's validation split, and ISIC
 submission files that the official scorer (`isic-challenge-scoring`) reads and scores exactly as our metrics do."""
 
-import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import PartialState
+from conftest import SCRIPTS, tiny_classifier, tiny_segmenter
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from isic_challenge_scoring.segmentation import SegmentationScore
 from transformers import AutoConfig
@@ -22,10 +21,13 @@ from transformers import AutoConfig
 import modeling_skinlesion as sl
 from modeling_skinlesion.data import column_values, load_ham10000
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO_ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import _evaluation  # noqa: E402
+import _training  # noqa: E402
+import evaluate_model  # noqa: E402
+from _arguments import parse_arguments  # noqa: E402
+
 SCRIPT = SCRIPTS / "evaluate_model.py"
-PRESETS = REPO_ROOT / "configuration"
 SEGMENTATION_KEYS = {
     "dice": "dice",
     "jaccard": "jaccard",
@@ -36,20 +38,8 @@ SEGMENTATION_KEYS = {
 }
 
 
-def load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def script():
-    return load_script("evaluate_script", SCRIPT)
-
-
 def run_evaluate(*args: str, cwd: Path) -> dict:
-    """Run the script as a user does and return its metrics.json."""
+    """Run the script as a user does; check it logs its scores and where it wrote them; return its metrics.json."""
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--batch-size", "8"],
         capture_output=True,
@@ -60,16 +50,19 @@ def run_evaluate(*args: str, cwd: Path) -> dict:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output_dir = cwd / args[args.index("--output-dir") + 1]
-    return json.loads((output_dir / "metrics.json").read_text())
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    log = result.stdout + result.stderr
+    assert f"Wrote {args[args.index('--output-dir') + 1]}/metrics.json" in log
+    score = "dice" if metrics["task"] == "segmentation" else "balanced_accuracy"
+    assert f"{score} {metrics['metrics'][score]:.4f}" in log
+    return metrics
 
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    segmenter = sl.SkinLesionSegmenter(AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json"))
-    segmenter.save_pretrained(folder / "segmenter")
-    classifier = sl.SkinDualNet(AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json"))
+    tiny_segmenter().save_pretrained(folder / "segmenter")
+    classifier = tiny_classifier()
     classifier.save_pretrained(folder / "classifier")
     sl.SkinLesionImageProcessor.from_model_config(classifier.config).save_pretrained(folder / "classifier")
     return folder
@@ -150,7 +143,7 @@ def test_classification_submission_is_scored_identically_by_official_scorer(
     # Per-branch Grad-CAM lesion focus: a share of heatmap mass, over the images whose heatmap has any (an untrained
     # model's image-branch Grad-CAM can be all zero after its ReLU).
     focus, counted = result["lesion_focus"], result["lesion_focus_images"]
-    assert set(focus) == set(counted) == {"image", "lesion"} and counted["lesion"] > 0
+    assert set(focus) == set(counted) == {"image", "lesion", "chance"} and counted["lesion"] > 0
     for branch in focus:
         assert (focus[branch] is None) == (counted[branch] == 0)
         assert focus[branch] is None or 0.0 <= focus[branch] <= 1.0
@@ -173,53 +166,44 @@ def test_classification_submission_is_scored_identically_by_official_scorer(
         assert abs(metrics["per_class_auc"][name] - official.per_category.loc[name, "auc"]) < 1e-6
 
 
-def training_args(data_root: Path, **overrides) -> argparse.Namespace:
-    values = {
-        "dataset": ["ham10000"],
-        "data_root": [str(data_root / "ham10000")],
-        "clinic_csv": None,
-        "column_map": [],
-        "hub_split": "train",
-        "val_size": 0.15,
-        "test_size": 0.1,
-        "split_seed": 3,
-        "max_train_samples": None,
-        "max_eval_samples": 60,
-        "bad_files": "unchecked",
-        "splits_file": None,
-        "split": "validation",
-    }
-    return argparse.Namespace(**{**values, **overrides})
+def split_args(data_root: Path, *extra: str):
+    """The data and split options of a training run, parsed as evaluate_model.py parses them."""
+    argv = [
+        "--model", "unused", "--output-dir", "unused",
+        "--dataset", "ham10000", "--data-root", str(data_root / "ham10000"),
+        "--test-size", "0.1", "--split-seed", "3", "--bad-files", "unchecked", *extra,
+    ]  # fmt: skip
+    return parse_arguments(evaluate_model.EvaluateModelArguments, argv)
 
 
-def test_validation_split_is_the_training_split(script, data_root):
+def test_validation_split_is_the_training_split(data_root):
     """The training scripts' split helper (`_training.prepare_splits`) and evaluate_model.py pick the same images."""
-    training = script.T
     PartialState()  # the training helpers log through Accelerate
-    args = training_args(data_root)
-    dataset = training.load_sources(args, "classification", label_set="ham10000")
-    trained_on, _ = training.prepare_splits(args, dataset, stratify_column="label", require_masks=False)
-    validation = script.select_split(args, dataset, "label")
+    args = split_args(data_root, "--max-eval-samples", "60")
+    dataset = _training.load_sources(args, "classification", label_set="ham10000")
+    args.max_train_samples = None  # what prepare_splits reads of the training options
+    trained_on, _ = _training.prepare_splits(args, dataset, stratify_column="label", require_masks=False)
+    validation = _evaluation.select_split(args, dataset, "label")
     assert column_values(validation, "image_id") == column_values(trained_on["validation"], "image_id")
     # Training never caps its test split.
-    test = script.select_split(training_args(data_root, split="test", max_eval_samples=None), dataset, "label")
+    test = _evaluation.select_split(split_args(data_root, "--split", "test"), dataset, "label")
     assert column_values(test, "image_id") == column_values(trained_on["test"], "image_id")
     assert len(validation) == 60 and len(test) > 500
 
 
-def test_splits_file_selects_the_recorded_ids(script, data_root, tmp_path):
+def test_splits_file_selects_the_recorded_ids(data_root, tmp_path):
     dataset = load_ham10000(data_root / "ham10000", masks=False)
     ids = column_values(dataset, "image_id")
     recorded = {"validation": ids[10:20], "train": ids[:10]}
     (tmp_path / "splits.json").write_text(json.dumps(recorded))
-    args = training_args(data_root, splits_file=str(tmp_path / "splits.json"), max_eval_samples=None)
-    assert column_values(script.select_split(args, dataset, "label"), "image_id") == ids[10:20]
-    args = training_args(data_root, splits_file=str(tmp_path / "splits.json"), split="test")
+    args = split_args(data_root, "--splits-file", str(tmp_path / "splits.json"))
+    assert column_values(_evaluation.select_split(args, dataset, "label"), "image_id") == ids[10:20]
+    args = split_args(data_root, "--splits-file", str(tmp_path / "splits.json"), "--split", "test")
     with pytest.raises(ValueError, match="no 'test' split"):
-        script.select_split(args, dataset, "label")
+        _evaluation.select_split(args, dataset, "label")
 
 
-def test_labels_the_model_does_not_predict_are_refused(script, saved_models, data_root, tmp_path):
+def test_labels_the_model_does_not_predict_are_refused(saved_models, data_root, tmp_path):
     images_dir, csv = make_clinic(data_root, tmp_path / "clinic", per_class=1)
     table = pd.read_csv(csv)
     table.loc[0, "diagnosis"] = "dermatofibrosarcoma"
@@ -230,10 +214,10 @@ def test_labels_the_model_does_not_predict_are_refused(script, saved_models, dat
         "--output-dir", str(tmp_path / "eval"),
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"\['dermatofibrosarcoma'\] that the model does not predict.*finetune"):
-        script.main(argv)
+        evaluate_model.main(argv)
 
 
-def test_rejects_models_that_are_not_skin_dualnet(script, tmp_path):
+def test_rejects_models_that_are_not_skin_dualnet(tmp_path):
     AutoConfig.for_model("vit").save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="'vit' model"):
-        script.load_model(str(tmp_path / "vit"), torch.device("cpu"))
+        _evaluation.load_model(str(tmp_path / "vit"), torch.device("cpu"))

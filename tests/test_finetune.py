@@ -1,52 +1,66 @@
 """scripts/finetune.py: fine-tuning a pretrained checkpoint on a new clinic's data, end to end on real HAM10000 images
 relabelled as a 3-class clinic task, with its own CSV columns and metadata spellings."""
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import LABELS as HAM_LABELS
+from conftest import SCRIPTS, tiny_classifier
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 
 import modeling_skinlesion as sl
 from modeling_skinlesion.data import column_values, load_ham10000
 from modeling_skinlesion.model_card import write_model_card
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "scripts" / "finetune.py"
-PRESETS = REPO_ROOT / "configuration"
-HAM_LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+sys.path.insert(0, str(SCRIPTS))
+import _arguments  # noqa: E402
+import _finetuning as script  # noqa: E402
+import finetune  # noqa: E402
+import train_classifier  # noqa: E402
+
+SCRIPT = SCRIPTS / "finetune.py"
 CLINIC_NAMES = {"nv": "naevus", "mel": "melanoma"}  # everything else is "other"
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny pretrained classifier (HAM10000 labels) saved with its processor and a model card, as exported."""
     folder = tmp_path_factory.mktemp("checkpoint") / "skin-dualnet"
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json")
-    model = sl.SkinDualNet(config)
+    model = tiny_classifier()
     model.save_pretrained(folder)
-    sl.SkinLesionImageProcessor.from_model_config(config).save_pretrained(folder)
-    write_model_card(folder, config, datasets=["ham10000"])
+    sl.SkinLesionImageProcessor.from_model_config(model.config).save_pretrained(folder)
+    write_model_card(folder, model.config, datasets=["ham10000"])
     return folder
+
+
+def test_finetune_shares_the_classifier_options_with_its_own_defaults(capsys):
+    """finetune.py takes train_classifier.py's training, split and classifier options (same help), with four
+    defaults of its own; a --column-map without `label` is a usage error."""
+    required = ["--checkpoint", "c", "--images", "i", "--csv", "x.csv", "--output-dir", "o"]
+    args = _arguments.parse_arguments(finetune.FinetuneArguments, [*required, "--column-map", "image=f", "label=d"])
+    assert (args.epochs, args.lr, args.warmup_ratio, args.val_size) == (5, 1e-4, 0.1, 0.2)
+    assert (args.batch_size, args.weight_decay, args.split_seed, args.checkpointing_steps) == (16, 1e-4, 0, "epoch")
+
+    def helps(arguments):
+        parser = _arguments.ArgumentParser(arguments)
+        return {action.option_strings[0]: action.help for action in parser._actions if action.option_strings}
+
+    mine, classifier = helps(finetune.FinetuneArguments), helps(train_classifier.TrainClassifierArguments)
+    shared = set(mine) & set(classifier)
+    assert {"--lr", "--val-size", "--resume", "--class-weights", "--eval-masks", "--max-grad-norm"} <= shared
+    assert [option for option in shared if mine[option] != classifier[option]] == []
+    with pytest.raises(SystemExit):
+        _arguments.parse_arguments(finetune.FinetuneArguments, [*required, "--column-map", "image=f"])
+    assert "--column-map must map `label`" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +98,7 @@ def clinic(data_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_finetune_end_to_end_on_a_relabelled_clinic(script, checkpoint, clinic, tmp_path):
+def test_finetune_end_to_end_on_a_relabelled_clinic(checkpoint, clinic, tmp_path):
     output = tmp_path / "finetuned"
     argv = [
         "--checkpoint", str(checkpoint), "--images", str(clinic / "photos"), "--csv", str(clinic / "cases.csv"),
@@ -149,7 +163,7 @@ def test_finetune_end_to_end_on_a_relabelled_clinic(script, checkpoint, clinic, 
     assert f"| balanced_accuracy | {report['after']['balanced_accuracy']:.4f} |" in card.text
 
 
-def test_new_head_starts_from_mapped_rows(script, checkpoint):
+def test_new_head_starts_from_mapped_rows(checkpoint):
     base = sl.SkinDualNet.from_pretrained(checkpoint)
     mapping = script.resolve_label_map(["melanoma", "naevus", "other"], HAM_LABELS, ["naevus=nv", "melanoma=mel"])
     model = script.build_model(str(checkpoint), base, ["melanoma", "naevus", "other"], mapping, [1.0, 1.0, 2.0])
@@ -166,7 +180,7 @@ def test_new_head_starts_from_mapped_rows(script, checkpoint):
     assert same is base
 
 
-def test_collapse_probabilities(script):
+def test_collapse_probabilities():
     probabilities = np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
     mapping = {"a": ["w"], "b": ["x", "y"]}  # "z" is mapped to no clinic class: its mass is dropped
     collapsed = script.collapse_probabilities(probabilities, ["w", "x", "y", "z"], ["a", "b", "c"], mapping)
@@ -181,12 +195,12 @@ def test_collapse_probabilities(script):
         (["melanoma=mel", "other=mel,bcc"], "several clinic classes"),
     ],
 )
-def test_label_map_errors(script, pairs, message):
+def test_label_map_errors(pairs, message):
     with pytest.raises(ValueError, match=message):
         script.resolve_label_map(["melanoma", "naevus", "other"], HAM_LABELS, pairs)
 
 
-def test_metadata_synonyms_must_target_the_vocabulary(script):
+def test_metadata_synonyms_must_target_the_vocabulary():
     config = sl.SkinDualNetConfig()
     added = script.extend_synonyms(config, ["Rücken=posterior torso"], ["X=unknown"])
     assert config.site_synonyms["Rücken"] == "posterior torso" and added["sex"] == {"X": "unknown"}

@@ -1,5 +1,6 @@
-"""The two training scripts, run as a user runs them (subprocesses on real images): end to end, bad files,
-offline backbones, and a run killed after a checkpoint and resumed."""
+"""The two training scripts, run as a user runs them (subprocesses on real images): end to end (with TensorBoard
+logging), bad files, offline backbones, a run killed after a checkpoint and resumed, and the cached-feature recipe
+trained, resumed and calibrated; plus their shared command line, parsed in process."""
 
 import json
 import math
@@ -13,16 +14,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO_ROOT, SCRIPTS
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
 from modeling_skinlesion import SkinDualNet, SkinLesionSegmenter
 from modeling_skinlesion.data import column_values, concatenate_sources, grouped_split, load_ham10000, load_isic2017
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(SCRIPTS))
+import _arguments  # noqa: E402
+import train_classifier  # noqa: E402
+import train_segmenter  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
 # One thread per process: on a small shared CI box, two OpenMP threads competing with other jobs make each training
 # step tens of times slower.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -31,7 +35,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 def run_script(name: str, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=ENV,
         capture_output=True,
         text=True,
@@ -99,24 +103,51 @@ def segmenter_run(small_data, presets: Path, tmp_path_factory) -> tuple[Path, su
         "--output-dir", output, "--val-size", "0.25",
         "--epochs", "2", "--batch-size", "4", "--checkpointing-steps", "3", "--keep-checkpoints", "2",
         "--bad-files", "unchecked",  # let the truncated image reach the DataLoader
-        "--mixed-precision", "bf16",
+        "--mixed-precision", "bf16", "--report-to", "tensorboard",
     )  # fmt: skip
     return output, result
 
 
-OPTIONS = ("--config", "--dataset", "--data-root", "--resume", "--checkpointing-steps", "--grad-accum")
-OPTIONS += ("--mixed-precision", "--backbone-pretrained", "--report-to", "--max-train-samples", "--keep-checkpoints")
-OPTIONS += ("--gradient-checkpointing", "--holdout-splits")
+def test_both_scripts_share_their_options_and_defaults():
+    """One declaration per option: the two training scripts print the same help for every shared option, the
+    classifier's --config example names a classifier preset, and a switch reads --flag/--no-flag."""
+    helps = {}
+    for name, arguments in (
+        ("segmenter", train_segmenter.SegmenterArguments),
+        ("classifier", train_classifier.TrainClassifierArguments),
+    ):
+        parser = _arguments.ArgumentParser(arguments)
+        helps[name] = {action.option_strings[0]: action.help for action in parser._actions if action.option_strings}
+    shared = set(helps["segmenter"]) & set(helps["classifier"])
+    assert {"--dataset", "--val-size", "--lr", "--resume", "--holdout-splits", "--gradient-checkpointing"} <= shared
+    for option in shared - {"--config", "-h"}:
+        assert helps["segmenter"][option] == helps["classifier"][option], option
+    assert {"--segmenter", "--class-weights", "--frozen-stages", "--calibrate"} <= set(helps["classifier"])
+    assert "skin-dualnet.json" in helps["classifier"]["--config"] and "segmenter" in helps["segmenter"]["--config"]
+    help_text = _arguments.ArgumentParser(train_classifier.TrainClassifierArguments).format_help()
+    assert "--calibrate, --no-calibrate" in help_text and "[CALIBRATE]" not in help_text
 
 
-def test_help_lists_the_options():
-    for script in ("train_segmenter.py", "train_classifier.py"):
-        result = run_script(script, "--help", timeout=120)
-        for option in OPTIONS:
-            assert option in result.stdout, (script, option)
-    assert "--class-weights" in result.stdout and "--segmenter" in result.stdout
+def test_usage_errors_name_the_option(capsys):
+    required = ["--config", "c.json", "--output-dir", "out"]
+    for argv, message in (
+        (["--dataset", "ham10000"], "give one --data-root per --dataset"),
+        (["--dataset", "ham10000", "--data-root", "x", "--checkpointing-steps", "often"], "--checkpointing-steps"),
+        (["--dataset", "ham10000", "--data-root", "x", "--grad-accum", "0"], "--grad-accum must be at least 1"),
+        (["--dataset", "clinic", "--data-root", "x"], "--dataset clinic needs --clinic-csv"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            _arguments.parse_arguments(train_segmenter.SegmenterArguments, required + argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err, argv
+    # Repeated list options extend: two sources.
+    args = _arguments.parse_arguments(
+        train_segmenter.SegmenterArguments,
+        required + ["--dataset", "ham10000", "--data-root", "a", "--dataset", "isic2017", "--data-root", "b"],
+    )
+    assert args.dataset == ["ham10000", "isic2017"] and args.data_root == ["a", "b"] and args.lr == 3e-4
 
 
+@pytest.mark.slow
 def test_segmenter_end_to_end_with_a_corrupt_training_image(segmenter_run, small_data):
     output, result = segmenter_run
     log = result.stdout + result.stderr
@@ -137,7 +168,10 @@ def test_segmenter_end_to_end_with_a_corrupt_training_image(segmenter_run, small
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, best[name], rtol=0, atol=0)
     assert AutoImageProcessor.from_pretrained(output).size == {"height": 64, "width": 64}
-    assert (output / "README.md").read_text().startswith("# skin-dualnet lesion segmenter")
+    # The library's model card: the training sets, the run's facts and the best epoch's validation scores.
+    card = ModelCard.load(output / "README.md")
+    assert card.data.datasets == ["HAM10000", "ISIC-2017"] and card.data.pipeline_tag == "image-segmentation"
+    assert f"| dice | {metrics['best']['value']:.4f} |" in card.text and "epochs, " in card.text
     # Checkpoints every 3 steps and at each epoch end, rotated down to the 2 newest.
     steps = metrics["steps"]
     saved = sorted({*range(3, steps + 1, 3), *(r["step"] for r in metrics["history"])})[-2:]
@@ -149,6 +183,7 @@ def test_segmenter_end_to_end_with_a_corrupt_training_image(segmenter_run, small
     assert not set(splits["train"]) & set(splits["validation"])
 
 
+@pytest.mark.slow
 def test_classifier_end_to_end_contains_the_trained_segmenter(segmenter_run, small_data, presets, tmp_path):
     segmenter_dir, _ = segmenter_run
     result = run_script(
@@ -184,29 +219,25 @@ def test_classifier_end_to_end_contains_the_trained_segmenter(segmenter_run, sma
     assert out.logits.shape == (1, 7) and out.lesion_mask.shape == (1, 1, 64, 64)
 
 
-def test_report_to_tensorboard_logs_every_epoch(small_data, presets, tmp_path):
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_every_epoch(segmenter_run):
     """`--report-to` hands the trackers to Accelerate: one scalar per metric and epoch in TensorBoard's event file."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    run_script(
-        "train_segmenter.py",
-        "--config", presets / "segmenter-tiny.json",
-        "--dataset", "isic2017", "--data-root", small_data["isic2017"],
-        "--output-dir", tmp_path, "--val-size", "0.25",
-        "--epochs", "2", "--batch-size", "4", "--checkpointing-steps", "none", "--report-to", "tensorboard",
-    )  # fmt: skip
+    output, _ = segmenter_run
     # The run's folder holds the scalars; TensorBoard writes the hyper-parameters into a sub-folder of their own.
-    run_dir = tmp_path / "skin-dualnet-segmenter"
-    assert list(run_dir.glob("events.out.tfevents.*")), sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    run_dir = output / "skin-dualnet-segmenter"
+    assert list(run_dir.glob("events.out.tfevents.*")), sorted(p.relative_to(output) for p in output.rglob("*"))
     accumulator = event_accumulator.EventAccumulator(str(run_dir))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     assert {"train_loss", "val_dice", "val_jaccard"} <= tags, tags
     dice = [event.value for event in accumulator.Scalars("val_dice")]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((output / "metrics.json").read_text())
     assert [event.step for event in accumulator.Scalars("val_dice")] == [0, 1]
     assert dice == pytest.approx([epoch["validation"]["dice"] for epoch in metrics["history"]], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_files_raise_names_the_file(small_data, presets, tmp_path):
     result = run_script(
         "train_segmenter.py",
@@ -219,6 +250,7 @@ def test_bad_files_raise_names_the_file(small_data, presets, tmp_path):
     assert f"{small_data['corrupt']}.jpg" in result.stderr and "truncated" in result.stderr
 
 
+@pytest.mark.slow
 def test_backbone_pretrained_fails_clearly_offline(small_data, presets, tmp_path):
     result = run_script(
         "train_classifier.py",
@@ -231,6 +263,7 @@ def test_backbone_pretrained_fails_clearly_offline(small_data, presets, tmp_path
     assert "--backbone-pretrained could not download" in result.stderr and "offline" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp_path):
     """Kill a run (SIGKILL) once a checkpoint exists, `--resume latest`, and compare with a run never stopped."""
     arguments = [
@@ -244,7 +277,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp
 
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, str(SCRIPTS / "train_segmenter.py"), *map(str, arguments), "--output-dir", interrupted]
-    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not (interrupted / "checkpoints" / "checkpoint-8").is_dir():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -291,12 +324,13 @@ def efficientnet_preset(presets: Path, tmp_path_factory) -> Path:
     return path
 
 
-def test_frozen_stage_recipe_trains_on_cached_features_and_calibrates(
-    segmenter_run, small_data, efficientnet_preset, tmp_path
-):
-    """--frozen-stages caches the frozen part's outputs (per view, on disk), trains the rest, fits a temperature and
-    stores it with the logit adjustment in the config; the saved model reproduces the cached path's validation
-    logits through its ordinary forward, and the frozen stages keep their initial weights."""
+@pytest.mark.slow
+def test_frozen_stage_recipe_trains_resumes_and_calibrates(segmenter_run, small_data, efficientnet_preset, tmp_path):
+    """--frozen-stages caches the frozen part's outputs (per view, on disk) and trains the rest; a run stopped after
+    two epochs continues with `--resume latest`, reading the views back from `feature-cache/` and keeping the earlier
+    epochs' records. The final run fits a post-hoc bias and a temperature and stores them with the logit adjustment
+    in the config; the saved model reproduces the cached path's validation logits through its ordinary forward, and
+    the frozen stages keep their initial weights."""
     segmenter_dir, _ = segmenter_run
     init_dir = tmp_path / "init"
     from transformers import AutoConfig
@@ -305,14 +339,21 @@ def test_frozen_stage_recipe_trains_on_cached_features_and_calibrates(
     args = (
         "--config", init_dir, "--segmenter", segmenter_dir,
         "--dataset", "ham10000", "--data-root", small_data["ham10000"],
-        "--val-size", "0.25", "--epochs", "3", "--batch-size", "4", "--class-weights", "none",
+        "--val-size", "0.25", "--batch-size", "4", "--class-weights", "none",
         "--logit-adjustment", "1.0", "--frozen-stages", "2", "--cached-views", "2", "--seed", "3",
-        "--gradient-checkpointing", "--tune-logit-bias",
+        "--gradient-checkpointing", "--tune-logit-bias", "--output-dir", tmp_path / "run",
     )  # fmt: skip
     output = tmp_path / "run"
-    result = run_script("train_classifier.py", *args, "--output-dir", output)
+    first = run_script("train_classifier.py", *args, "--epochs", "2")
+    assert "Loaded cached features" not in first.stdout + first.stderr
+    before = json.loads((output / "metrics.json").read_text())
+    result = run_script("train_classifier.py", *args, "--epochs", "3", "--resume", "latest")
+    log = result.stdout + result.stderr
+    assert log.count("Loaded cached features") == 3  # two training views and the validation split
+    assert f"at step {before['steps']}" in log
     metrics = json.loads((output / "metrics.json").read_text())
-    assert len(metrics["history"]) == 3
+    assert [record["epoch"] for record in metrics["history"]] == [0, 1, 2]
+    assert metrics["history"][:2] == before["history"] and metrics["steps"] == before["steps"] * 3 // 2
     cache = sorted(p.name for p in (output / "feature-cache").iterdir())
     assert cache == ["train-view0-rank0.pt", "train-view1-rank0.pt", "validation-rank0.pt"]
 
@@ -334,7 +375,6 @@ def test_frozen_stage_recipe_trains_on_cached_features_and_calibrates(
         names = [n for n in model.state_dict() if n.startswith(prefix) and n.endswith("weight")]
         differs = [not torch.equal(model.state_dict()[n], initial.state_dict()[n]) for n in names]
         assert names and (any(differs) if changed else not any(differs)), prefix
-    sys.path.insert(0, str(SCRIPTS))
     import _feature_cache as FC
 
     view = torch.load(output / "feature-cache" / "validation-rank0.pt", weights_only=False)["view"]
@@ -361,23 +401,3 @@ def test_frozen_stage_recipe_trains_on_cached_features_and_calibrates(
             ).logits  # fmt: skip
         torch.testing.assert_close(full, cached, rtol=1e-4, atol=1e-4)
     assert "Temperature" in result.stdout
-
-
-def test_frozen_stage_run_resumes_from_its_checkpoint_and_cached_features(small_data, efficientnet_preset, tmp_path):
-    """A cached-feature run stopped after two epochs continues with `--resume latest`: the views come back from
-    `feature-cache/` (not recomputed), training resumes at the saved step, and the earlier epochs' records are kept."""
-    args = (
-        "--config", efficientnet_preset, "--dataset", "ham10000", "--data-root", small_data["ham10000"],
-        "--val-size", "0.25", "--batch-size", "4", "--class-weights", "none", "--frozen-stages", "2",
-        "--cached-views", "2", "--seed", "5", "--output-dir", tmp_path, "--no-calibrate",
-    )  # fmt: skip
-    first = run_script("train_classifier.py", *args, "--epochs", "2")
-    assert "Loaded cached features" not in first.stdout + first.stderr
-    before = json.loads((tmp_path / "metrics.json").read_text())
-    resumed = run_script("train_classifier.py", *args, "--epochs", "3", "--resume", "latest")
-    log = resumed.stdout + resumed.stderr
-    assert log.count("Loaded cached features") == 3  # two training views and the validation split
-    assert f"at step {before['steps']}" in log
-    after = json.loads((tmp_path / "metrics.json").read_text())
-    assert [record["epoch"] for record in after["history"]] == [0, 1, 2]
-    assert after["history"][:2] == before["history"] and after["steps"] == before["steps"] * 3 // 2
