@@ -1,17 +1,24 @@
 """Analyse dermoscopic images with a skin-dualnet checkpoint: lesion mask, class probabilities, Grad-CAM heatmaps of
-both encoders and their lesion-focus scores.
+both encoders and their lesion-focus scores; or, given a segmenter checkpoint, the lesion masks alone.
 
     python scripts/predict.py IMAGE_OR_FOLDER --out DIR [--model MODEL] [--age A] [--sex S] [--site SITE]
         [--metadata-csv FILE] [--batch-size N] [--method gradcam] [--backend auto] [--target-class NAME]
 
-It writes `DIR/summary.csv` (one row per image, appended as results arrive: file, predicted label, score, each class's
-probability, lesion focus per branch, mask empty, metadata used) and, for each image, `DIR/<image stem>/`:
+    # masks only, from a segmenter folder (e.g. a train_segmenter.py output):
+    python scripts/predict.py IMAGE_OR_FOLDER --out DIR --model runs/segmenter
+
+Both write `DIR/summary.csv`, one row per image, appended and flushed as each result arrives (an interrupted run keeps
+what it did). With a classifier (`SkinDualNet`) the row holds: file, predicted label, score, each class's probability,
+lesion focus per branch, mask empty, metadata used; and each image gets `DIR/<image stem>/` with
 - `result.json`: `probabilities` (label -> probability), `predicted_label`, `score`, `target_label` (the class the
   heatmaps explain), `lesion_focus` (per branch: share of the heatmap inside the lesion mask; null for an all-zero
   heatmap), `mask_empty` (the segmenter found no lesion and the lesion branch saw the whole image), `mask_fraction`,
   `lesion_box`, `metadata_used` / `metadata_missing` / `metadata_ignored`, and the files written;
-- `mask.png` (the lesion mask), `mask_overlay.png`, `lesion_image.png` (what the lesion branch saw) and
-  `heatmap_image.png` / `heatmap_lesion.png` (Grad-CAM overlays of the two branches).
+- `mask.png` (the lesion mask), `mask_overlay.png`, `lesion_image.png` (what the lesion branch saw, at the
+  classifier's input size) and `heatmap_image.png` / `heatmap_lesion.png` (Grad-CAM overlays of the two branches).
+With a segmenter (`SkinLesionSegmenter`) each image gets `DIR/<image stem>_segmentation.png` (0/255 at the image's
+size, the ISIC challenge format, the same masks as `evaluate_model.py --submission-dir`) and its row holds: file,
+mask file, width, height, mask fraction, mask empty.
 
 A folder is read (not recursively) in batches with a progress bar; a file that cannot be read as an image is reported
 by name and skipped. The exit code is 0 when at least one image was analysed, 1 when none could be, 2 for bad
@@ -27,61 +34,68 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from modeling_skinlesion.explain import FAST_CAM_METHODS, LIBRARY_CAM_METHODS
-from modeling_skinlesion.explaining_skinlesion import resolve_target_classes
-from modeling_skinlesion.hub import check_model_source
-from modeling_skinlesion.image_processing_skinlesion import load_image
-from modeling_skinlesion.pipeline_skinlesion import SkinLesionAnalyzer
+# Only the standard library above: `--help` and usage errors answer before torch and the package are imported.
 
 logger = logging.getLogger("predict")
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "skin-dualnet-small"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 CSV_ID_COLUMNS = ("image_id", "image", "isic_id", "file", "filename")
+# The keys of modeling_skinlesion.grad_cam_backend.LIBRARY_CAM_METHODS, the first six also the fast backend's
+# explaining_skinlesion.FAST_CAM_METHODS (tests/test_predict_cli.py checks both); written out so --help needs no torch.
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcamelementwise")
+CAM_METHODS += ("eigencam", "eigengradcam", "kpcacam", "scorecam", "ablationcam", "randomcam")
+SEGMENTATION_SUFFIX = "_segmentation.png"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Segment, classify and explain dermoscopic images with a skin-dualnet checkpoint.",
-        epilog="Research use only: not a medical device.",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Not a medical device."
     )
     parser.add_argument("input", type=Path, help="An image file, or a folder of images (not searched recursively).")
     parser.add_argument(
         "--model",
         default=str(SHIPPED_MODEL),
-        help="A skin-dualnet classifier folder or Hub id (default: the shipped checkpoints/skin-dualnet-small).",
+        help="A skin-dualnet classifier or segmenter: folder or Hub id (default: the shipped "
+        "checkpoints/skin-dualnet-small).",
     )
-    parser.add_argument("--out", required=True, type=Path, help="Output folder; one sub-folder per image.")
-    parser.add_argument("--age", type=float, help="Patient age in years (applies to every image).")
-    parser.add_argument("--sex", help="Patient sex: male / female (applies to every image).")
-    parser.add_argument("--site", help="Anatomical site, e.g. 'back', 'anterior torso' (applies to every image).")
+    parser.add_argument("--out", required=True, type=Path, help="Output folder (created if missing).")
+    parser.add_argument("--age", type=float, help="Patient age in years, for every image (default: missing).")
+    parser.add_argument("--sex", help="Patient sex, male / female, for every image (default: missing).")
+    parser.add_argument(
+        "--site", help="Anatomical site, e.g. 'back', 'anterior torso', for every image (default: missing)."
+    )
     parser.add_argument(
         "--metadata-csv",
         type=Path,
         help=f"Per-image metadata: a CSV with an image id column ({', '.join(CSV_ID_COLUMNS)}; matched to the file "
         "stem) and age / age_approx, sex, and anatom_site_general / localization / site. --age/--sex/--site fill "
-        "what a row lacks.",
+        "what a row lacks (default: none).",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default 8).")
-    methods = sorted(set(FAST_CAM_METHODS) | set(LIBRARY_CAM_METHODS))
-    parser.add_argument("--method", default="gradcam", choices=methods, help="CAM method (default gradcam).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
+    parser.add_argument(
+        "--method",
+        default="gradcam",
+        choices=CAM_METHODS,
+        metavar="METHOD",
+        help=f"CAM method: {', '.join(CAM_METHODS[:6])} (fast or library backend) or {', '.join(CAM_METHODS[6:])} "
+        "(library backend) (default: %(default)s).",
+    )
     parser.add_argument(
         "--backend",
         default="auto",
         choices=["auto", "fast", "library"],
         help="'fast': one forward, gradients to the hooked layers only; 'library': pytorch-grad-cam per branch; "
-        "'auto' (default): fast when it has the method.",
+        "'auto': fast when it has the method (default: %(default)s).",
     )
-    parser.add_argument("--target-class", help="Explain this class (label name or index), not the predicted one.")
-    parser.add_argument("--no-explain", action="store_true", help="Skip Grad-CAM (mask and probabilities only).")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's, cpu).")
+    parser.add_argument(
+        "--target-class", help="Explain this class (label name or index) (default: the predicted class)."
+    )
+    parser.add_argument("--no-explain", action="store_true", help="Skip Grad-CAM: mask and probabilities only.")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu).")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}.")
-    if args.backend == "fast" and args.method not in FAST_CAM_METHODS:
-        parser.error(f"--backend fast offers {list(FAST_CAM_METHODS)}, not {args.method!r}; use --backend library.")
     if not args.input.exists():
         parser.error(f"{args.input} does not exist.")
     if args.metadata_csv is not None and not args.metadata_csv.is_file():
@@ -125,7 +139,7 @@ def metadata_record(args: argparse.Namespace, row: dict[str, str] | None) -> dic
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:
-    """One output folder name per file: its stem, made unique when two files share it (a.jpg, a.png)."""
+    """One output name per file: its stem, made unique when two files share it (a.jpg, a.png)."""
     names: dict[Path, str] = {}
     taken: set[str] = set()
     for path in files:
@@ -141,115 +155,198 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def _json_number(value: float) -> float | None:
+def _json_number(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 6)
-
-
-def write_result(result: dict[str, Any], folder: Path, source: Path, run: dict[str, Any]) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"mask": "mask.png", "mask_overlay": "mask_overlay.png"}
-    Image.fromarray(result["mask"].astype("uint8") * 255).save(folder / files["mask"])
-    result["mask_overlay"].save(folder / files["mask_overlay"])
-    if result["lesion_image"] is not None:
-        files["lesion_image"] = "lesion_image.png"
-        result["lesion_image"].save(folder / files["lesion_image"])
-    for branch, overlay in result["heatmap_overlays"].items():
-        files[f"heatmap_{branch}"] = f"heatmap_{branch}.png"
-        overlay.save(folder / files[f"heatmap_{branch}"])
-    height, width = result["mask"].shape
-    document = {
-        "source": str(source),
-        "image_size": {"width": width, "height": height},
-        **run,
-        "predicted_label": result["predicted_label"],
-        "score": _json_number(result["score"]),
-        "probabilities": {label: _json_number(p) for label, p in result["probabilities"].items()},
-        "target_label": result["target_label"],
-        "lesion_focus": {branch: _json_number(value) for branch, value in result["lesion_focus"].items()},
-        "mask_empty": result["mask_empty"],
-        "mask_fraction": _json_number(result["mask_fraction"]),
-        "lesion_box": result["lesion_box"],
-        "metadata_used": result["metadata_used"],
-        "metadata_missing": result["metadata_missing"],
-        "metadata_ignored": result["metadata_ignored"],
-        "files": files,
-        "disclaimer": "Research use only; not a medical device.",
-    }
-    (folder / "result.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 class Summary:
     """`DIR/summary.csv`: one row per analysed image, appended and flushed as each result arrives, so an interrupted
     run keeps what it did."""
 
-    def __init__(self, path: Path, labels: list[str]):
+    def __init__(self, path: Path, header: list[str]):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.labels = labels
         self.handle = path.open("w", newline="")
         self.writer = csv.writer(self.handle)
-        self.writer.writerow(
-            ["file", "predicted_label", "score", *(f"p_{label}" for label in labels)]
-            + ["lesion_focus_image", "lesion_focus_lesion", "mask_empty", "metadata_used"]
-        )
+        self.writer.writerow(header)
         self.handle.flush()
 
-    def add(self, source: Path, result: dict[str, Any]) -> None:
-        focus = result["lesion_focus"]
-        self.writer.writerow(
-            [source.name, result["predicted_label"], _json_number(result["score"])]
-            + [_json_number(result["probabilities"][label]) for label in self.labels]
-            + [_json_number(focus.get("image")), _json_number(focus.get("lesion")), result["mask_empty"]]
-            + [json.dumps(result["metadata_used"], sort_keys=True)]
-        )
+    def add(self, row: list[Any]) -> None:
+        self.writer.writerow(row)
         self.handle.flush()
 
     def close(self) -> None:
         self.handle.close()
 
 
+class ClassifierOutputs:
+    """A SkinDualNet run: the analysis pipeline's result per image, written as `DIR/<name>/` and a summary row."""
+
+    def __init__(self, args: argparse.Namespace):
+        from modeling_skinlesion import SkinLesionAnalyzer
+        from modeling_skinlesion.explaining_skinlesion import resolve_target_classes
+
+        self.args = args
+        self.rows = read_metadata_csv(args.metadata_csv) if args.metadata_csv is not None else {}
+        self.analyzer = SkinLesionAnalyzer.from_pretrained(
+            args.model, method=args.method, explain_backend=args.backend, device=args.device
+        )
+        config = self.analyzer.model.config
+        self.labels = [config.id2label[i] for i in sorted(config.id2label)]
+        if args.target_class is not None:
+            resolve_target_classes(args.target_class, config.id2label, 1)
+        explain = not args.no_explain
+        self.run = {
+            "model": str(args.model),
+            "method": args.method if explain else None,
+            "backend": type(self.analyzer.explainer).__name__ if explain else None,
+        }
+        self.header = ["file", "predicted_label", "score", *(f"p_{label}" for label in self.labels)]
+        self.header += ["lesion_focus_image", "lesion_focus_lesion", "mask_empty", "metadata_used"]
+
+    def analyse(self, paths: list[Path], images: list[Any]) -> list[dict[str, Any]]:
+        records = [metadata_record(self.args, self.rows.get(path.stem)) for path in paths]
+        return self.analyzer(
+            images,
+            metadata=records,
+            target_class=self.args.target_class,
+            explain=not self.args.no_explain,
+            batch_size=len(images),
+        )
+
+    def write(self, result: dict[str, Any], out: Path, name: str, source: Path) -> list[Any]:
+        from PIL import Image
+
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"mask": "mask.png", "mask_overlay": "mask_overlay.png"}
+        Image.fromarray(result["mask"].astype("uint8") * 255).save(folder / files["mask"])
+        result["mask_overlay"].save(folder / files["mask_overlay"])
+        if result["lesion_image"] is not None:
+            files["lesion_image"] = "lesion_image.png"
+            result["lesion_image"].save(folder / files["lesion_image"])
+        for branch, overlay in result["heatmap_overlays"].items():
+            files[f"heatmap_{branch}"] = f"heatmap_{branch}.png"
+            overlay.save(folder / files[f"heatmap_{branch}"])
+        height, width = result["mask"].shape
+        focus = {branch: _json_number(value) for branch, value in result["lesion_focus"].items()}
+        document = {
+            "source": str(source),
+            "image_size": {"width": width, "height": height},
+            **self.run,
+            "predicted_label": result["predicted_label"],
+            "score": _json_number(result["score"]),
+            "probabilities": {label: _json_number(p) for label, p in result["probabilities"].items()},
+            "target_label": result["target_label"],
+            "lesion_focus": focus,
+            "mask_empty": result["mask_empty"],
+            "mask_fraction": _json_number(result["mask_fraction"]),
+            "lesion_box": result["lesion_box"],
+            "metadata_used": result["metadata_used"],
+            "metadata_missing": result["metadata_missing"],
+            "metadata_ignored": result["metadata_ignored"],
+            "files": files,
+            "disclaimer": "Research use only; not a medical device.",
+        }
+        (folder / "result.json").write_text(json.dumps(document, indent=2) + "\n")
+        return (
+            [source.name, result["predicted_label"], document["score"]]
+            + [document["probabilities"][label] for label in self.labels]
+            + [focus.get("image"), focus.get("lesion"), result["mask_empty"]]
+            + [json.dumps(result["metadata_used"], sort_keys=True)]
+        )
+
+
+class SegmenterOutputs:
+    """A SkinLesionSegmenter run: one 0/255 mask PNG per image at its own size, and a summary row."""
+
+    header = ["file", "mask_file", "width", "height", "mask_fraction", "mask_empty"]
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionSegmenter
+
+        ignored = [
+            option
+            for option, value in (
+                ("--age", args.age),
+                ("--sex", args.sex),
+                ("--site", args.site),
+                ("--metadata-csv", args.metadata_csv),
+                ("--target-class", args.target_class),
+            )
+            if value is not None
+        ]
+        if ignored:
+            logger.warning("%s is a segmenter: %s ignored (masks only).", args.model, ", ".join(ignored))
+        self.torch = torch
+        self.device = torch.device(args.device or "cpu")
+        self.model = SkinLesionSegmenter.from_pretrained(args.model).eval().to(self.device)
+        try:
+            self.processor = SkinLesionImageProcessor.from_pretrained(args.model)
+        except OSError:  # a training run's folder always has one; a bare save_pretrained may not
+            self.processor = SkinLesionImageProcessor.from_model_config(self.model.config)
+
+    def analyse(self, paths: list[Path], images: list[Any]) -> list[Any]:
+        pixel_values = self.processor(images)["pixel_values"].to(self.device)
+        with self.torch.inference_mode():
+            logits = self.model(pixel_values=pixel_values).logits
+        # The masks evaluate_model.py scores and submits: threshold, largest component, holes filled, image size.
+        return self.processor.post_process_masks(logits, target_sizes=[(i.height, i.width) for i in images])
+
+    def write(self, mask: Any, out: Path, name: str, source: Path) -> list[Any]:
+        from PIL import Image
+
+        out.mkdir(parents=True, exist_ok=True)
+        file = f"{name}{SEGMENTATION_SUFFIX}"
+        Image.fromarray(mask.astype("uint8") * 255, mode="L").save(out / file)
+        height, width = mask.shape
+        return [source.name, file, width, height, _json_number(mask.mean()), not mask.any()]
+
+
+def load_outputs(args: argparse.Namespace) -> ClassifierOutputs | SegmenterOutputs:
+    """The run for the checkpoint's kind; `ValueError`/`OSError`/`ImportError` with one line when it cannot load."""
+    from transformers import AutoConfig
+
+    import modeling_skinlesion  # noqa: F401 (registers the skin-dualnet Auto classes)
+    from modeling_skinlesion.hub import check_model_source
+
+    check_model_source(args.model)
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    if model_type == "skinlesion_segmenter":
+        return SegmenterOutputs(args)
+    if model_type != "skin_dualnet":
+        raise ValueError(
+            f"{args.model} holds a {model_type!r} model; expected a skin-dualnet classifier or segmenter."
+        )
+    return ClassifierOutputs(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        rows = read_metadata_csv(args.metadata_csv) if args.metadata_csv is not None else {}
-        check_model_source(args.model)
-        analyzer = SkinLesionAnalyzer.from_pretrained(
-            args.model, method=args.method, explain_backend=args.backend, device=args.device
-        )
-        if args.target_class is not None:
-            resolve_target_classes(args.target_class, analyzer.model.config.id2label, 1)
+        outputs = load_outputs(args)
     except (OSError, ValueError, ImportError) as error:
         logger.error("%s", error)
         return 2
+    from tqdm.auto import tqdm
+
+    from modeling_skinlesion.image_processing_skinlesion import load_image
 
     files, ignored = collect_images(args.input)
     for path in ignored:
         logger.warning("Skipping %s: not an image file (suffix %r).", path.name, path.suffix)
     names = output_names(files)
-    run = {
-        "model": str(args.model),
-        "method": args.method if not args.no_explain else None,
-        "backend": type(analyzer.explainer).__name__ if not args.no_explain else None,
-    }
     failed: list[str] = [path.name for path in ignored]
     done = 0
-    summary = Summary(args.out / "summary.csv", analyzer.labels)
+    summary = Summary(args.out / "summary.csv", outputs.header)
     progress = tqdm(total=len(files), unit="image", desc="Analysing", disable=len(files) < 2)
 
     def analyse(batch: list[tuple[Path, Any]]) -> None:
         nonlocal done
-        images = [image for _, image in batch]
-        records = [metadata_record(args, rows.get(path.stem)) for path, _ in batch]
         try:
-            results = analyzer(
-                images,
-                metadata=records,
-                target_class=args.target_class,
-                explain=not args.no_explain,
-                batch_size=len(images),
-            )
+            results = outputs.analyse([path for path, _ in batch], [image for _, image in batch])
         except ValueError as error:
             if len(batch) > 1:  # find the culprit
                 for item in batch:
@@ -259,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(batch[0][0].name)
             return
         for (path, _), result in zip(batch, results):
-            write_result(result, args.out / names[path], path, run)
-            summary.add(path, result)
+            summary.add(outputs.write(result, args.out, names[path], path))
             done += 1
 
     batch: list[tuple[Path, Any]] = []
@@ -281,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     summary.close()
 
-    processed = len(files) + len(ignored)
-    logger.info("Analysed %d of %d file(s) into %s.", done, processed, args.out)
+    logger.info("Analysed %d of %d file(s) into %s.", done, len(files) + len(ignored), args.out)
     if failed:
         logger.warning("Skipped %d file(s): %s", len(failed), ", ".join(failed))
     if done == 0:
