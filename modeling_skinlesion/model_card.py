@@ -185,6 +185,15 @@ def _interval(metrics: Mapping[str, Any], key: str) -> str:
     return f"[{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "–"
 
 
+def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
+    """A Markdown table: the header, its rule, and one line per row (numbers and None through `_format`)."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for row in rows:
+        cells = [cell if isinstance(cell, str) else _format(cell) for cell in row]
+        lines.append("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
+    return lines
+
+
 def _release_section(metrics: Mapping[str, Any]) -> str:
     """The card section of a release report (`scripts/release_report.py`): test metrics with lesion-bootstrap
     intervals, per class, melanoma sensitivity, calibration, subgroups, segmenter and served masks, recipe."""
@@ -211,14 +220,12 @@ def _release_section(metrics: Mapping[str, Any]) -> str:
         "",
         "Per class (test):",
         "",
-        "| class | images | sensitivity | specificity | AUC |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for name, row in metrics["per_class"].items():
-        lines.append(
-            f"| {name} | {row['support']} | {_format(row['sensitivity'])} | {_format(row['specificity'])} | "
-            f"{_format(row['auc'])} |"
-        )
+    lines += _table(
+        ["class", "images", "sensitivity", "specificity", "AUC"],
+        ([name, row["support"], row["sensitivity"], row["specificity"], row["auc"]]
+         for name, row in metrics["per_class"].items()),
+    )  # fmt: skip
     calibration = metrics.get("calibration") or {}
     if calibration:
         validation = calibration.get("validation") or {}
@@ -242,34 +249,23 @@ def _release_section(metrics: Mapping[str, Any]) -> str:
             "**Subgroups** (test split; groups under 50 images or with one class are too small to judge; melanoma "
             "sensitivity only with 10 or more melanomas):",
             "",
-            "| field | group | images | accuracy | balanced accuracy | macro AUC | melanoma sensitivity |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for field, groups in subgroups.items():
-            for group, row in groups.items():
-                if row.get("too_small"):
-                    lines.append(f"| {field} | {group} | {row['images']} | too small to judge | | | |")
-                    continue
-                lines.append(
-                    f"| {field} | {group} | {row['images']} | {_format(row['accuracy'])} | "
-                    f"{_format(row['balanced_accuracy'])} | {_format(row['macro_auc'])} | "
-                    f"{_format(row.get('melanoma_sensitivity'))} |"
-                )
+        scores = ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_sensitivity")
+        lines += _table(
+            ["field", "group", "images", "accuracy", "balanced accuracy", "macro AUC", "melanoma sensitivity"],
+            ([field, group, row["images"], *(["too small to judge", "", "", ""] if row.get("too_small")
+              else [row.get(key) for key in scores])]
+             for field, groups in subgroups.items() for group, row in groups.items()),
+        )  # fmt: skip
     segmenter = metrics.get("segmenter") or {}
     if segmenter:
-        lines += [
-            "",
-            "**Segmenter** (the nested Deep-UNet, its own lesion-grouped test split, masks cleaned and scored at the "
-            "original image size):",
-            "",
-            "| test set | images | Dice | Jaccard | thresholded Jaccard (ISIC 2018) |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for name, row in segmenter.items():
-            lines.append(
-                f"| {name} | {row.get('num_samples', row.get('images'))} | {_format(row['dice'])} | "
-                f"{_format(row['jaccard'])} | {_format(row['thresholded_jaccard'])} |"
-            )
+        table = _table(
+            ["test set", "images", "Dice", "Jaccard", "thresholded Jaccard (ISIC 2018)"],
+            ([name, row.get("num_samples", row.get("images")), row["dice"], row["jaccard"], row["thresholded_jaccard"]]
+             for name, row in segmenter.items()),
+        )  # fmt: skip
+        heading = "**Segmenter** (the nested Deep-UNet, its own lesion-grouped test split, masks cleaned and scored"
+        lines += ["", heading + " at the original image size):", "", *table]
     served = metrics.get("served_masks_vs_reference") or {}
     if served:
         lines += [

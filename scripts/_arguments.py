@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from _help import HelpFormatter
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
@@ -26,19 +27,6 @@ from transformers.hf_argparser import string_to_bool
 # `load_source` refuses a name it lacks, listing its keys). 'clinic' is a folder of images and a CSV, 'hub' a Hub
 # dataset id.
 DATASETS = ("ham10000", "isic2016_task1", "isic2017", "isic2018_task1", "isic2019", "ph2", "clinic", "hub")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The script's docstring as written (example commands keep their lines), and each option's default once, at the
-    end of its help; required options and options without a default show none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if action.required or action.default in (None, [], argparse.SUPPRESS) or "%(default)" in help_text:
-            return help_text
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return f"{help_text} (default: {'on' if action.default else 'off'})"
-        return f"{help_text} (default: %(default)s)"
 
 
 class _DashedOptions:
@@ -288,6 +276,7 @@ class EvaluationArguments:
 __all__ = [
     "DATASETS",
     "ArgumentParser",
+    "HelpFormatter",
     "ClassifierArguments",
     "DataArguments",
     "EvaluationArguments",

@@ -219,6 +219,18 @@ def validate_classifier(model, dataloader, accelerator: Accelerator, forward) ->
     return classification_metrics(torch.from_numpy(logits).softmax(-1).numpy(), label, names)
 
 
+def classifier_task(forward, eval_dataloader, accelerator: Accelerator) -> dict[str, Any]:
+    """The classifier's part of `_training.train_loop` (train_classifier.py and finetune.py): the loss of
+    `forward(model, batch, labels=True)`, the gathered validation of `validate_classifier`, and the best epoch chosen
+    by balanced accuracy."""
+    return {
+        "compute_loss": lambda model, batch: forward(model, batch, labels=True).loss,
+        "evaluate": lambda model: validate_classifier(model, eval_dataloader, accelerator, forward),
+        "best_key": "balanced_accuracy",
+        "scores": CLASSIFICATION_SCORES,
+    }
+
+
 def fit_calibration(
     config, logits: np.ndarray, labels: np.ndarray, train_counts: list[int], tune_logit_bias: bool, calibrate: bool
 ) -> dict:

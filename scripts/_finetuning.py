@@ -1,22 +1,39 @@
-"""What `finetune.py` does beyond the training run every script shares: map the clinic's classes onto the
-checkpoint's (`resolve_label_map`, `collapse_probabilities` for the "before" scores), its metadata spellings onto the
-model's vocabularies (`extend_synonyms`, `metadata_report`), and build the model to fine-tune (`build_model`: a new
-head warm-started from the mapped classes when the classes differ)."""
+"""What `finetune.py` does beyond the training run every script shares: load the clinic's cases (`load_cases`), map
+its classes onto the checkpoint's (`resolve_label_map`, `collapse_probabilities` for the "before" scores), map its
+metadata spellings onto the model's vocabularies (`extend_synonyms`, `metadata_report`), and build the model to
+fine-tune (`build_model`: a new head warm-started from the mapped classes when the classes differ)."""
 
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from huggingface_hub import ModelCard
 
 from modeling_skinlesion import SkinDualNet, SkinLesionMetadataProcessor
-from modeling_skinlesion.data import column_values
+from modeling_skinlesion.data import column_values, load_clinic
 from modeling_skinlesion.model_card import load_metrics, training_datasets
 
 logger = logging.getLogger(__name__)
+
+
+def load_cases(args: Any) -> datasets.Dataset:
+    """The clinic's labelled images: `load_clinic` on `args.images` and `args.csv` with the script's column map,
+    class order (`--labels`), masks folder and source name; rows without a label are dropped."""
+    from _training import keep_labelled
+
+    dataset = load_clinic(
+        args.images,
+        args.csv,
+        pairs_to_dict(args.column_map),
+        label_names=args.labels or None,
+        masks_dir=args.masks_dir,
+        source=args.source_name,
+    )
+    return keep_labelled(dataset)
 
 
 def pairs_to_dict(pairs: list[str]) -> dict[str, str]:

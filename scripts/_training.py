@@ -42,11 +42,12 @@ logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
-def build_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
-    """The Accelerator of both scripts. A CPU-only machine launched with several processes (`torchrun
-    --nproc_per_node N`, or `accelerate launch --multi_gpu --num_processes N`) gets the gloo backend: Accelerate
-    only looks for CPU processes when told it runs on the CPU."""
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+def start_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
+    """The Accelerator of a training run, with logging set up (`setup_logging`), the seed set and
+    `output_dir/checkpoints` made. A CPU-only machine launched with several processes (`torchrun --nproc_per_node N`,
+    or `accelerate launch --multi_gpu --num_processes N`) gets the gloo backend: Accelerate only looks for CPU
+    processes when told it runs on the CPU."""
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
@@ -63,6 +64,12 @@ def build_accelerator(args: TrainingArguments, output_dir: Path) -> Accelerator:
             f"Launched with WORLD_SIZE={world_size} but Accelerate set up {accelerator.num_processes} process(es); "
             "every process would train on all the data."
         )
+    setup_logging(accelerator)
+    logger.info(accelerator.state, main_process_only=True)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -108,12 +115,18 @@ def load_sources(
         parts.append(part)
     dataset = concatenate_sources(parts, drop_labels=task == "segmentation")
     if task == "classification":
-        labelled = [i for i, label in enumerate(column_values(dataset, "label")) if label >= 0]
-        if len(labelled) < len(dataset):
-            logger.info(f"Dropping {len(dataset) - len(labelled)} images without a label")
-            dataset = dataset.select(labelled)
+        dataset = keep_labelled(dataset)
     if len(dataset) == 0:
         raise ValueError(f"No usable images in {args.dataset} at {args.data_root}.")
+    return dataset
+
+
+def keep_labelled(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The rows of `dataset` that have a label (the others are logged and dropped)."""
+    labelled = [i for i, label in enumerate(column_values(dataset, "label")) if label >= 0]
+    if len(labelled) < len(dataset):
+        logger.info(f"Dropping {len(dataset) - len(labelled)} images without a label")
+        dataset = dataset.select(labelled)
     return dataset
 
 
@@ -250,6 +263,7 @@ class TrainingState:
 
     def __init__(self):
         self.completed_steps = 0
+        self.best_key: str | None = None  # set by train_loop (not saved: a resumed run sets it again)
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
@@ -371,6 +385,22 @@ def format_metrics(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " ".join(f"{key} {metrics[key]:.4f}" for key in keys if isinstance(metrics.get(key), (int, float)))
 
 
+def run_record(accelerator: Accelerator, args: Any, state: "TrainingState", timer: "Timer", **entries: Any) -> dict:
+    """The metrics.json of a training run: the best epoch (by `train_loop`'s `best_key`) and its validation scores,
+    every epoch's record, the steps, processes, wall time and arguments, and the script's own `entries` (split, file
+    check, ...)."""
+    best = next((record for record in state.history if record["epoch"] == state.best_epoch), {})
+    return {
+        "best": {"metric": state.best_key, "value": state.best_metric, **best},
+        "history": state.history,
+        **entries,
+        "steps": state.completed_steps,
+        "num_processes": accelerator.num_processes,
+        "wall_time_s": timer.elapsed(),
+        "args": vars(args),
+    }
+
+
 def training_facts(args: Any, metrics: dict[str, Any]) -> dict[str, str]:
     """The run's split, schedule and wall time, for the "Training data" list of the model card."""
     split = ", ".join(f"{name} {entry['images']} images" for name, entry in metrics["split"].items())
@@ -417,6 +447,8 @@ class PreparedRun:
     scheduler: Any
     train_dataloader: Any
     eval_dataloader: Any
+    train_transform: Any
+    checkpoints_dir: Path
     state: "TrainingState"
     max_steps: int
     epochs: int
@@ -434,15 +466,15 @@ def prepare_run(
     splits: datasets.DatasetDict,
     train_transform: Any,
     eval_transform: Any,
-    output_dir: Path,
-    checkpoints_dir: Path,
     tracker: str,
     dataloaders: tuple[Any, Any] | None = None,
 ) -> PreparedRun:
-    """The part both training scripts share before their loops: data loaders, AdamW, `accelerator.prepare`, the
+    """What the three training scripts share before their loop: data loaders, AdamW, `accelerator.prepare`, the
     cosine schedule, checkpoint registration, trackers (`--report-to`), resuming from `--resume`, the run summary in
     the log, the per-sample log and the progress bar. `dataloaders` (train, validation) replaces the image loaders
     with ready per-process ones (the cached features of `--frozen-stages`), which are not prepared again."""
+    output_dir = Path(args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
     if args.gradient_checkpointing:
         pretrained = getattr(model, "model", model)  # the cached-features wrapper holds the PreTrainedModel
         if hasattr(pretrained, "activation_checkpointing_enable"):
@@ -451,18 +483,11 @@ def prepare_run(
             pretrained.gradient_checkpointing_enable()
     if dataloaders is None:
         train_dataloader = build_dataloader(
-            splits["train"],
-            train_transform,
-            args.batch_size,
-            shuffle=True,
-            num_workers=args.num_workers,
-            seed=args.seed,
+            splits["train"], train_transform, args.batch_size, True, num_workers=args.num_workers, seed=args.seed
         )
+        eval_batch_size = args.eval_batch_size or 2 * args.batch_size
         eval_dataloader = build_dataloader(
-            splits["validation"],
-            eval_transform,
-            args.eval_batch_size or 2 * args.batch_size,
-            num_workers=args.num_workers,
+            splits["validation"], eval_transform, eval_batch_size, num_workers=args.num_workers
         )
         optimizer = build_optimizer(model, args)
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
@@ -498,6 +523,8 @@ def prepare_run(
         scheduler=scheduler,
         train_dataloader=train_dataloader,
         eval_dataloader=eval_dataloader,
+        train_transform=train_transform,
+        checkpoints_dir=checkpoints_dir,
         state=state,
         max_steps=max_steps,
         epochs=epochs,
@@ -515,8 +542,6 @@ def train_loop(
     accelerator: Accelerator,
     args: TrainingArguments,
     run: PreparedRun,
-    train_transform: Any,
-    checkpoints_dir: Path,
     timer: "Timer",
     *,
     compute_loss: Any,
@@ -526,7 +551,7 @@ def train_loop(
     scores: tuple[str, ...],
     frozen: tuple[torch.nn.Module, ...] = (),
 ) -> None:
-    """The epochs both training scripts run: accumulated, clipped AdamW steps with step checkpoints, then per epoch
+    """The epochs of the three training scripts: accumulated, clipped AdamW steps with step checkpoints, then per epoch
     validation, best-model selection on `best_key`, a log line, tracker scalars and an end-of-epoch checkpoint.
 
     `compute_loss(model, batch)` returns the batch loss, `evaluate(model)` the validation metrics, and
@@ -535,7 +560,8 @@ def train_loop(
     in eval mode while the rest trains (their BatchNorm statistics stay as loaded). Progress lives in
     `run.state` (history, best epoch, steps), which checkpoints carry, so a resumed run continues where it stopped.
     """
-    model, state, progress = run.model, run.state, run.progress
+    model, state, progress, checkpoints_dir = run.model, run.state, run.progress, run.checkpoints_dir
+    state.best_key = best_key
     saved_step = state.completed_steps if run.checkpoint is not None else None
     for epoch in range(run.starting_epoch, run.epochs):
         if state.completed_steps >= run.max_steps:
@@ -543,7 +569,7 @@ def train_loop(
         model.train()
         for module in frozen:
             module.eval()
-        train_transform.set_epoch(epoch)
+        run.train_transform.set_epoch(epoch)
         run.train_dataloader.set_epoch(epoch)
         batches = run.train_dataloader
         if epoch == run.starting_epoch and run.resume_batches:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Score the classifier ablation on its held-out test split: metrics, bootstrap intervals, Grad-CAM lesion focus.
+r"""Score the classifier ablation on its held-out test split: metrics, bootstrap intervals, Grad-CAM lesion focus.
 
     python scripts/ablation_report.py --data-root ../shared/data/ham10000 --output-dir runs/ablation-report \
         --model a=runs/skin-dualnet-small-single b=runs/skin-dualnet-small-nometa c=runs/skin-dualnet-small \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Calibrate a trained classifier on held-out data: post-hoc logit adjustment and temperature, stored in its config.
+r"""Calibrate a trained classifier on held-out data: post-hoc logit adjustment and temperature, stored in its config.
 
     python scripts/calibrate.py --model runs/release/classifier --dataset ham10000 \
         --data-root ../shared/data/ham10000 --splits-file runs/release/classifier/splits.json --tune-logit-bias
@@ -17,25 +17,26 @@ import logging
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _help import HelpFormatter  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="Trained classifier folder (rewritten in place).")
     parser.add_argument("--dataset", default="ham10000", help="Data source, as for training.")
     parser.add_argument("--data-root", required=True, help="Root folder of the data.")
-    parser.add_argument("--splits-file", help="splits.json whose `validation` ids to use (default: all images).")
+    parser.add_argument("--splits-file", help="splits.json whose `validation` ids to use (unset: all images).")
     parser.add_argument("--tune-logit-bias", action="store_true", help="Also fit the post-hoc logit adjustment.")
     parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass.")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
+    import _training as T
     import numpy as np
     import torch
-    from accelerate import Accelerator
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _training as T
     from _evaluation import fit_calibration, image_forward, predict_logits
+    from accelerate import Accelerator
 
     from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionMetadataProcessor
     from modeling_skinlesion.data import (

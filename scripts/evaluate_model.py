@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a saved skin-dualnet model (segmenter or classifier) on a dataset split, and write ISIC submissions.
+r"""Evaluate a saved skin-dualnet model (segmenter or classifier) on a dataset split, and write ISIC submissions.
 
     # the validation split a training run held out (same data options and --split-seed as training):
     python scripts/evaluate_model.py --model runs/classifier \

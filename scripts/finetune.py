@@ -32,6 +32,7 @@ Fine-tuning starts from trained weights, so four defaults differ from train_clas
 --warmup-ratio 0.1 and --val-size 0.2 (see `FinetuneArguments`).
 """
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ from _arguments import (  # noqa: E402
     parse_arguments,
     with_default,
 )
+
+logger = logging.getLogger("finetune")  # INFO on the main process, errors elsewhere (`_training.setup_logging`)
 
 
 @dataclass(kw_only=True)
@@ -103,43 +106,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(FinetuneArguments, argv, description=__doc__)
 
     # The heavy imports come after parsing, so that --help and usage errors answer at once.
+    import _evaluation as E
     import _finetuning as F
     import _training as T
     import torch
-    from _evaluation import (
-        CLASSIFICATION_SCORES,
-        blank_image_batch,
-        classification_metrics,
-        image_forward,
-        predict_logits,
-        validate_classifier,
-    )
-    from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
     from transformers import AutoConfig
 
     from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionMetadataProcessor
-    from modeling_skinlesion.data import (
-        SkinLesionTransform,
-        balanced_class_weights,
-        build_dataloader,
-        column_values,
-        label_names,
-        load_clinic,
-    )
+    from modeling_skinlesion.data import SkinLesionTransform, balanced_class_weights, build_dataloader, label_names
 
-    logger = get_logger("finetune")
     output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
     timer = T.Timer()
 
-    # Accelerator, logging, seed ------------------------------------------------------------------------------------
-    accelerator = T.build_accelerator(args, output_dir)
-    T.setup_logging(accelerator)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    # Accelerator, logging (INFO on the main process only), seed ------------------------------------------------------
+    accelerator = T.start_accelerator(args, output_dir)
 
     # Checkpoint and the clinic's data: labels mapped, metadata spellings mapped, grouped split -----------------------
     config = AutoConfig.from_pretrained(args.checkpoint)
@@ -148,18 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = SkinDualNet.from_pretrained(args.checkpoint)
     checkpoint_labels = [base.config.id2label[i] for i in range(base.config.num_labels)]
     with accelerator.main_process_first():
-        dataset = load_clinic(
-            args.images,
-            args.csv,
-            F.pairs_to_dict(args.column_map),
-            label_names=args.labels or None,
-            masks_dir=args.masks_dir,
-            source=args.source_name,
-        )
-        labelled = [i for i, label in enumerate(column_values(dataset, "label")) if label >= 0]
-        if len(labelled) < len(dataset):
-            logger.info(f"Dropping {len(dataset) - len(labelled)} images without a label")
-            dataset = dataset.select(labelled)
+        dataset = F.load_cases(args)
         splits, bad_files = T.prepare_splits(args, dataset, stratify_column="label", require_masks=False)
     clinic = label_names(dataset)
     mapping = F.resolve_label_map(clinic, checkpoint_labels, args.label_map)
@@ -189,18 +158,18 @@ def main(argv: list[str] | None = None) -> dict:
     use_ground_truth = {True: args.train_masks == "ground_truth", False: args.eval_masks == "ground_truth"}
 
     def forward(model, batch, labels=False):
-        return image_forward(model, batch, use_ground_truth[labels], labels)
+        return E.image_forward(model, batch, use_ground_truth[labels], labels)
 
     # Before: the checkpoint as it is, its classes collapsed onto the clinic's ---------------------------------------
     eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     before_loader = accelerator.prepare(build_dataloader(splits["validation"], eval_transform, eval_batch_size))
-    logits, labels = predict_logits(base.to(accelerator.device), before_loader, accelerator, forward)
+    logits, labels = E.predict_logits(base.to(accelerator.device), before_loader, accelerator, forward)
     probabilities = torch.from_numpy(logits).softmax(-1).double().numpy()
-    before = classification_metrics(
+    before = E.classification_metrics(
         F.collapse_probabilities(probabilities, checkpoint_labels, clinic, mapping), labels, clinic
     )
     before["unmapped_classes"] = [name for name in clinic if name not in mapping]
-    logger.info(f"Before fine-tuning: {T.format_metrics(before, CLASSIFICATION_SCORES)}")
+    logger.info(f"Before fine-tuning: {T.format_metrics(before, E.CLASSIFICATION_SCORES)}")
 
     # The model to fine-tune: new head if the classes differ, the clinic's synonyms, frozen parts ---------------------
     model = F.build_model(args.checkpoint, base, clinic, mapping, weights)
@@ -216,15 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Loaders, optimizer, schedule, prepare, resume ------------------------------------------------------------------
     run = T.prepare_run(
-        accelerator,
-        args,
-        model,
-        splits,
-        train_transform,
-        eval_transform,
-        output_dir,
-        checkpoints_dir,
-        tracker="skin-dualnet-finetune",
+        accelerator, args, model, splits, train_transform, eval_transform, tracker="skin-dualnet-finetune"
     )
     state = run.state
 
@@ -233,51 +194,44 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator,
         args,
         run,
-        train_transform,
-        checkpoints_dir,
         timer,
-        compute_loss=lambda model, batch: forward(model, batch, labels=True).loss,
-        evaluate=lambda model: validate_classifier(model, run.eval_dataloader, accelerator, forward),
-        blank_batch=lambda: blank_image_batch(size, accelerator.device, classifier=True),
-        best_key="balanced_accuracy",
-        scores=CLASSIFICATION_SCORES,
+        **E.classifier_task(forward, run.eval_dataloader, accelerator),
+        blank_batch=lambda: E.blank_image_batch(size, accelerator.device, classifier=True),
         frozen=frozen,
     )
 
     # Save the best epoch's model with its processor, the report and a model card -----------------------------------
     accelerator.wait_for_everyone()
-    T.load_best(accelerator, run.model, checkpoints_dir / "best_model")
-    best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
-    after = best["validation"]
+    T.load_best(accelerator, run.model, run.checkpoints_dir / "best_model")
+    after = next(r for r in state.history if r["epoch"] == state.best_epoch)["validation"]
     logger.info(
         "Validation before -> after fine-tuning: "
         + ", ".join(
-            f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in CLASSIFICATION_SCORES if before.get(k) is not None
+            f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in E.CLASSIFICATION_SCORES if before.get(k) is not None
         )
     )
     trained_on = F.base_training_sets(args.checkpoint) + [args.source_name]
-    result = {
-        "task": "classification",
-        "base_model": args.checkpoint,
-        "eval_dataset": args.source_name,
-        "labels": clinic,
-        "checkpoint_labels": checkpoint_labels,
-        "label_map": mapping,
-        "new_head": clinic != checkpoint_labels,
-        "freeze_encoders": args.freeze_encoders,
-        "trainable_parameters": trainable,
-        "metadata": {"added_synonyms": synonyms, **report},
-        "before": before,
-        "after": after,
-        "best": {"metric": "balanced_accuracy", "value": state.best_metric, **best},
-        "history": state.history,
-        "split": split_summary,
-        "bad_files": bad_files,
-        "steps": state.completed_steps,
-        "num_processes": accelerator.num_processes,
-        "wall_time_s": timer.elapsed(),
-        "args": {**vars(args), "dataset": trained_on},
-    }
+    result = T.run_record(
+        accelerator,
+        args,
+        state,
+        timer,
+        task="classification",
+        base_model=args.checkpoint,
+        eval_dataset=args.source_name,
+        labels=clinic,
+        checkpoint_labels=checkpoint_labels,
+        label_map=mapping,
+        new_head=clinic != checkpoint_labels,
+        freeze_encoders=args.freeze_encoders,
+        trainable_parameters=trainable,
+        metadata={"added_synonyms": synonyms, **report},
+        before=before,
+        after=after,
+        split=split_summary,
+        bad_files=bad_files,
+    )
+    result["args"]["dataset"] = trained_on  # the card's training sets: the checkpoint's, then the clinic's
     T.save_run(
         accelerator,
         output_dir,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the lesion-grouped split a training run would make, without training (a splits.json).
+r"""Write the lesion-grouped split a training run would make, without training (a splits.json).
 
     python scripts/make_splits.py --dataset ham10000 --data-root ../shared/data/ham10000 \
         --val-size 0.1 --test-size 0.1 --split-seed 0 --output runs/release/classifier-splits.json

@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _help import HelpFormatter  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-root", required=True, help="HAM10000 folder.")
     parser.add_argument("--output", type=Path, required=True, help="JSON file to write.")
     parser.add_argument(
@@ -34,15 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-stages", type=int, default=4, help="Stages frozen in the tail timing.")
     args = parser.parse_args(argv)
 
+    import convert_efficientnet_lite as convert
     import numpy as np
     import timm
     import torch
     from PIL import Image
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import convert_efficientnet_lite as convert
 
     from modeling_skinlesion.data import column_values, grouped_split, load_ham10000
 

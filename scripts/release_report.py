@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Score a classifier checkpoint on its held-out test split through the analysis pipeline, for its model card.
+r"""Score a classifier checkpoint on its held-out test split through the analysis pipeline, for its model card.
 
     python scripts/release_report.py --model checkpoints/skin-dualnet-small \
         --data-root ../shared/data/ham10000 --splits-file runs/release/classifier/splits.json \
@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _help import HelpFormatter  # noqa: E402
+
 logger = logging.getLogger(__name__)
 SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
 RECIPE_STAGES = ("splits", "segmenter", "classifier", "calibrate", "eval-segmenter", "eval-segmenter-isic2017")
@@ -32,7 +35,7 @@ AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="Classifier folder (or Hub id) to score.")
     parser.add_argument("--data-root", required=True, help="HAM10000 folder (images, masks, metadata CSV).")
     parser.add_argument("--splits-file", required=True, help="The training run's splits.json (its `test` ids).")
@@ -52,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass.")
     parser.add_argument("--bootstrap", type=int, default=2000, help="Lesion bootstrap resamples.")
     parser.add_argument("--min-group", type=int, default=50, help="Smallest subgroup that is scored.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="Seed of the bootstrap resamples.")
     return parser.parse_args(argv)
 
 
@@ -85,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
+    import _evaluation as E
     import torch
     from transformers import pipeline
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _evaluation as E
 
     from modeling_skinlesion.data import column_values, load_ham10000
 
@@ -152,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             values["melanoma_sensitivity"] = float((predicted[y == mel] == mel).mean())
         return values
 
-    intervals = bootstrap(probabilities, labels, groups, score, args.bootstrap, args.seed)
+    intervals = bootstrap(probabilities, labels, groups, score, args.bootstrap, args.bootstrap_seed)
     auc_intervals = bootstrap(
         probabilities,
         labels,
         groups,
         lambda p, y: {"macro_auc": E.classification_metrics(p, y, names)["macro_auc"]} if len(set(y)) > 1 else {},
         max(args.bootstrap // 10, 100),
-        args.seed,
+        args.bootstrap_seed,
     )
     intervals.update(auc_intervals)
 

@@ -15,6 +15,7 @@ and a model card. Multi-GPU, multi-node and CPU multi-process launches are as fo
 (`accelerate launch --multi_gpu ...` or `torchrun --nproc_per_node N ...`).
 """
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ from _arguments import (  # noqa: E402
     TrainingArguments,
     parse_arguments,
 )
+
+logger = logging.getLogger(
+    "train_classifier"
+)  # INFO on the main process, errors elsewhere (`_training.setup_logging`)
 
 
 @dataclass(kw_only=True)
@@ -82,22 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(TrainClassifierArguments, argv, description=__doc__)
 
     # The heavy imports come after parsing, so that --help and usage errors answer at once.
+    import _evaluation as E
     import _feature_cache as FC
     import _training as T
     import numpy as np
     import torch
-    from _evaluation import (
-        CLASSIFICATION_SCORES,
-        blank_image_batch,
-        broadcast_buffers,
-        feature_forward,
-        fit_calibration,
-        image_forward,
-        predict_logits,
-        validate_classifier,
-    )
-    from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
     from transformers import AutoConfig
 
     from modeling_skinlesion import (
@@ -109,19 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     from modeling_skinlesion.data import SkinLesionTransform, balanced_class_weights, class_counts, label_names
 
-    logger = get_logger("train_classifier")
     output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
     timer = T.Timer()
 
-    # Accelerator, logging, seed ------------------------------------------------------------------------------------
-    accelerator = T.build_accelerator(args, output_dir)
-    T.setup_logging(accelerator)
-    logger.info(accelerator.state, main_process_only=True)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    # Accelerator, logging (INFO on the main process only), seed ------------------------------------------------------
+    accelerator = T.start_accelerator(args, output_dir)
 
     # Data: labelled images (masks where available), grouped split stratified by class, file check ----------------
     with accelerator.main_process_first():
@@ -183,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         blank = {key: torch.zeros_like(value) for key, value in first.items() if isinstance(value, torch.Tensor)}
 
         def forward(model, batch, labels=False):
-            return feature_forward(model, T.move_to(batch, accelerator.device), labels)
+            return E.feature_forward(model, T.move_to(batch, accelerator.device), labels)
 
         def blank_batch() -> dict[str, torch.Tensor]:
             return {key: value.to(accelerator.device) for key, value in blank.items()}
@@ -194,10 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         use_ground_truth = {True: args.train_masks == "ground_truth", False: args.eval_masks == "ground_truth"}
 
         def forward(model, batch, labels=False):
-            return image_forward(model, batch, use_ground_truth[labels], labels)
+            return E.image_forward(model, batch, use_ground_truth[labels], labels)
 
         def blank_batch() -> dict[str, torch.Tensor]:
-            return blank_image_batch(size, accelerator.device, classifier=True)
+            return E.blank_image_batch(size, accelerator.device, classifier=True)
 
     # Loaders, optimizer, schedule, prepare, resume ------------------------------------------------------------------
     run = T.prepare_run(
@@ -207,8 +193,6 @@ def main(argv: list[str] | None = None) -> dict:
         splits,
         train_transform,
         eval_transform,
-        output_dir,
-        checkpoints_dir,
         tracker="skin-dualnet-classifier",
         dataloaders=loaders,
     )
@@ -219,44 +203,36 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator,
         args,
         run,
-        train_transform,
-        checkpoints_dir,
         timer,
-        compute_loss=lambda model, batch: forward(model, batch, labels=True).loss,
-        evaluate=lambda model: validate_classifier(model, run.eval_dataloader, accelerator, forward),
+        **E.classifier_task(forward, run.eval_dataloader, accelerator),
         blank_batch=blank_batch,
-        best_key="balanced_accuracy",
-        scores=CLASSIFICATION_SCORES,
     )
 
     # Calibration on the validation split: stored in the config, so every entry point is calibrated -----------------
     accelerator.wait_for_everyone()
-    T.load_best(accelerator, train_model, checkpoints_dir / "best_model")
+    T.load_best(accelerator, train_model, run.checkpoints_dir / "best_model")
     calibration = None
     if args.calibrate or args.tune_logit_bias:
-        broadcast_buffers(accelerator, train_model)
-        logits, labels = predict_logits(train_model, run.eval_dataloader, accelerator, forward)
-        calibration = fit_calibration(
+        E.broadcast_buffers(accelerator, train_model)
+        logits, labels = E.predict_logits(train_model, run.eval_dataloader, accelerator, forward)
+        calibration = E.fit_calibration(
             model.config, logits, labels, class_counts(splits["train"]), args.tune_logit_bias, args.calibrate
         )
 
     # Save the best model, its processor, metrics and a model card ---------------------------------------------------
-    best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
-    metrics = {
-        "task": "classification",
-        "best": {"metric": "balanced_accuracy", "value": state.best_metric, **best},
-        "history": state.history,
-        "split": split_summary,
-        "bad_files": bad_files,
-        "labels": names,
-        "class_weights": weights,
-        "logit_adjustment": model.config.logit_adjustment,
-        "calibration": calibration,
-        "steps": state.completed_steps,
-        "num_processes": accelerator.num_processes,
-        "wall_time_s": timer.elapsed(),
-        "args": vars(args),
-    }
+    metrics = T.run_record(
+        accelerator,
+        args,
+        state,
+        timer,
+        task="classification",
+        split=split_summary,
+        bad_files=bad_files,
+        labels=names,
+        class_weights=weights,
+        logit_adjustment=model.config.logit_adjustment,
+        calibration=calibration,
+    )
     T.save_run(
         accelerator,
         output_dir,

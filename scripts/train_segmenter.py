@@ -19,6 +19,7 @@ epoch with the best Dice is kept and saved with its image processor in --output-
 splits.json and a model card. `--resume latest` continues an interrupted run from its newest checkpoint.
 """
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _arguments import DataArguments, ModelArguments, SplitArguments, TrainingArguments, parse_arguments  # noqa: E402
+
+logger = logging.getLogger("train_segmenter")  # INFO on the main process, errors elsewhere (`_training.setup_logging`)
 
 
 @dataclass(kw_only=True)
@@ -44,28 +47,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(SegmenterArguments, argv, description=__doc__)
 
     # The heavy imports come after parsing, so that --help and usage errors answer at once.
+    import _evaluation as E
     import _training as T
-    from _evaluation import SEGMENTATION_SCORES, blank_image_batch, validate_segmenter
-    from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
     from transformers import AutoConfig
 
     from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionSegmenter, SkinLesionSegmenterConfig
     from modeling_skinlesion.data import SkinLesionTransform
 
-    logger = get_logger("train_segmenter")
     output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
     timer = T.Timer()
 
-    # Accelerator, logging, seed ------------------------------------------------------------------------------------
-    accelerator = T.build_accelerator(args, output_dir)
-    T.setup_logging(accelerator)
-    logger.info(accelerator.state, main_process_only=True)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    # Accelerator, logging (INFO on the main process only), seed ------------------------------------------------------
+    accelerator = T.start_accelerator(args, output_dir)
 
     # Data: every source with masks, grouped split stratified by source, file check ---------------------------------
     with accelerator.main_process_first():
@@ -93,15 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_transform = SkinLesionTransform(processor, train=True, seed=args.seed)
     eval_transform = SkinLesionTransform(processor, train=False)
     run = T.prepare_run(
-        accelerator,
-        args,
-        model,
-        splits,
-        train_transform,
-        eval_transform,
-        output_dir,
-        checkpoints_dir,
-        tracker="skin-dualnet-segmenter",
+        accelerator, args, model, splits, train_transform, eval_transform, tracker="skin-dualnet-segmenter"
     )
     model, state = run.model, run.state
 
@@ -110,31 +95,20 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator,
         args,
         run,
-        train_transform,
-        checkpoints_dir,
         timer,
         compute_loss=lambda model, batch: model(pixel_values=batch["pixel_values"], labels=batch["lesion_mask"]).loss,
-        evaluate=lambda model: validate_segmenter(model, run.eval_dataloader, accelerator),
-        blank_batch=lambda: blank_image_batch(size, accelerator.device, classifier=False),
+        evaluate=lambda model: E.validate_segmenter(model, run.eval_dataloader, accelerator),
+        blank_batch=lambda: E.blank_image_batch(size, accelerator.device, classifier=False),
         best_key="dice",
-        scores=SEGMENTATION_SCORES,
+        scores=E.SEGMENTATION_SCORES,
     )
 
     # Save the best model, its processor, metrics and a model card ---------------------------------------------------
     accelerator.wait_for_everyone()
-    T.load_best(accelerator, model, checkpoints_dir / "best_model")
-    best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
-    metrics = {
-        "task": "segmentation",
-        "best": {"metric": "dice", "value": state.best_metric, **best},
-        "history": state.history,
-        "split": split_summary,
-        "bad_files": bad_files,
-        "steps": state.completed_steps,
-        "num_processes": accelerator.num_processes,
-        "wall_time_s": timer.elapsed(),
-        "args": vars(args),
-    }
+    T.load_best(accelerator, model, run.checkpoints_dir / "best_model")
+    metrics = T.run_record(
+        accelerator, args, state, timer, task="segmentation", split=split_summary, bad_files=bad_files
+    )
     T.save_run(
         accelerator,
         output_dir,
