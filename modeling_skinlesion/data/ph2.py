@@ -16,7 +16,9 @@ The archive unpacks to (one folder per case, BMP files)::
 below a legend, with one `X` in one of the columns `Common Nevus`, `Atypical Nevus`, `Melanoma`.
 """
 
+import importlib.util
 import os
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -69,12 +71,14 @@ def _read_txt(path: Path) -> dict[str, str]:
 
 def _read_xlsx(path: Path) -> dict[str, str]:
     """Case name → diagnosis from `PH2_dataset.xlsx` (the header row is the one starting with `Image Name`)."""
-    try:
-        raw = pd.read_excel(path, header=None, dtype=str)
-    except ImportError as error:
+    if importlib.util.find_spec("openpyxl") is None:
         raise ImportError(
             f"Reading {path.name} needs openpyxl: pip install openpyxl (or keep PH2_dataset.txt beside it)."
-        ) from error
+        )
+    try:
+        raw = pd.read_excel(path, header=None, dtype=str)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"Cannot read {path} as a spreadsheet: {error}") from error
     starts = [i for i, value in enumerate(raw[0].fillna("")) if value.strip() == "Image Name"]
     if not starts:
         raise ValueError(f"{path}: no header row starting with 'Image Name'; expected the PH2_dataset.xlsx of PH2.")
