@@ -1,4 +1,6 @@
-"""Data layer: loaders on the real layouts, grouped splits, joint augmentation, and bad-file handling."""
+"""Data layer: loaders on the shared copies of HAM10000 / ISIC 2017 / ISIC 2019 and on custom layouts, grouped splits,
+joint augmentation, and bad-file handling. The official ISIC 2016/2017/2018 Task 1 and PH2 layouts are tested in
+test_official_layouts.py."""
 
 import logging
 import math
@@ -9,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PRESETS
 from PIL import Image
 
 from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
@@ -29,7 +32,6 @@ from modeling_skinlesion.data import (
     load_ham10000,
     load_hub,
     load_isic2017,
-    load_isic2018_task1,
     load_isic2019,
     map_columns,
     prepare_for_transform,
@@ -140,30 +142,6 @@ def test_isic2017_real_layout(data_root: Path):
     everything = load_isic2017(data_root / "isic2017", masks="optional")
     assert len(everything) == len(manifest)
     assert sum(m is not None for m in prepare_for_transform(everything)["mask"]) == 456
-
-
-def test_isic2018_task1_layout(data_root: Path, tmp_path: Path):
-    source = data_root / "isic2017"
-    ids = sorted(p.stem for p in (source / "images").glob("*.jpg"))[:5]
-    for split in ("Training", "Validation"):
-        for image_id in ids if split == "Training" else ids[:2]:
-            _link(
-                source / "images" / f"{image_id}.jpg", tmp_path / f"ISIC2018_Task1-2_{split}_Input" / f"{image_id}.jpg"
-            )
-    for image_id in ids[:4]:  # the fifth training image has no ground truth
-        name = f"{image_id}_segmentation.png"
-        _link(source / "masks" / name, tmp_path / "ISIC2018_Task1_Training_GroundTruth" / name)
-    (tmp_path / "ISIC2018_Task1-2_Training_Input" / "LICENSE.txt").write_text("CC-0")
-
-    training = load_isic2018_task1(tmp_path, split="Training")
-    assert column_values(training, "image_id") == ids
-    assert set(column_values(training, "label")) == {-1} and training.features["label"].names == ISIC2019_LABELS
-    assert training[0]["image"].size == training[0]["mask"].size and training[4]["mask"] is None
-    _, summary = validate_files(training)
-    assert [p[0] for p in summary.missing_masks] == [ids[4]]
-    assert len(load_isic2018_task1(tmp_path)) == 5  # both splits, same ids
-    with pytest.raises(ValueError, match="_Input"):
-        load_isic2018_task1(tmp_path, split="Test")
 
 
 def test_isic2019_layout_with_downsampled_names(data_root: Path, tmp_path: Path):
@@ -341,24 +319,40 @@ def test_leak_check_names_leaked_groups(ham: datasets.Dataset):
         grouped_split(ham, group_column="patient")
 
 
-def test_balanced_class_weights(ham: datasets.Dataset):
-    weights = balanced_class_weights(ham)
-    counts = class_counts(ham)
-    assert sum(w * c for w, c in zip(weights, counts)) == pytest.approx(len(ham))
-    assert weights[HAM10000_LABELS.index("df")] > 10 * weights[HAM10000_LABELS.index("nv")]
+def test_balanced_class_weights(ham: datasets.Dataset, data_root: Path):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    dx = pd.read_csv(data_root / "ham10000" / "HAM10000_metadata.csv")["dx"].to_numpy()
+    expected = compute_class_weight("balanced", classes=np.array(HAM10000_LABELS), y=dx)
+    np.testing.assert_allclose(balanced_class_weights(ham), expected, rtol=1e-6)
+    # A class absent from the data gets weight 1.
+    without_df = ham.select([i for i, d in enumerate(dx) if d != "df"])
+    weights = balanced_class_weights(without_df)
+    assert weights[HAM10000_LABELS.index("df")] == 1.0
+    kept = dx[dx != "df"]
+    present = np.array([name for name in HAM10000_LABELS if name != "df"])
+    np.testing.assert_allclose(
+        [w for name, w in zip(HAM10000_LABELS, weights) if name != "df"],
+        compute_class_weight("balanced", classes=present, y=kept),
+        rtol=1e-6,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Augmentation
 # --------------------------------------------------------------------------------------------------------------------
-def _tiny_processors() -> tuple[SkinLesionImageProcessor, SkinLesionMetadataProcessor]:
-    config = SkinDualNetConfig(encoder_name="test_resnet", image_size=64)
+def _tiny_processors(image_size: int = 64) -> tuple[SkinLesionImageProcessor, SkinLesionMetadataProcessor]:
+    config = SkinDualNetConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json", image_size=image_size)
     return SkinLesionImageProcessor.from_model_config(config), SkinLesionMetadataProcessor.from_config(config)
+
+
+def _batch(rows: list[dict]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def test_augmentation_keeps_image_and_mask_aligned(ham: datasets.Dataset, tmp_path: Path):
     """Paint the lesion pure green in the image: after any augmentation the green pixels must be the mask."""
-    processor, _ = _tiny_processors()
+    processor, _ = _tiny_processors(image_size=128)
     rows = prepare_for_transform(ham.select(range(6)))
     painted = []
     for row in rows:
@@ -368,11 +362,11 @@ def test_augmentation_keeps_image_and_mask_aligned(ham: datasets.Dataset, tmp_pa
         path = tmp_path / f"{row['image_id']}.png"  # lossless, so the colour survives
         Image.fromarray(image).save(path)
         painted.append({**row, "image": {"path": str(path), "bytes": None}})
-    batch = {key: [row[key] for row in painted] for key in painted[0]}
+    batch = _batch(painted)
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     outputs = []
-    for seed in range(4):
+    for seed in range(3):
         transform = SkinLesionTransform(processor, train=True, seed=seed, brightness=0, contrast=0, saturation=0)
         out = transform(batch)
         outputs.append(out["pixel_values"])
@@ -382,28 +376,51 @@ def test_augmentation_keeps_image_and_mask_aligned(ham: datasets.Dataset, tmp_pa
         for i in range(len(painted)):
             intersection = (green[i] & mask[i]).sum().item()
             union = (green[i] | mask[i]).sum().item()
-            assert union > 20 and intersection / union > 0.85, (seed, i, intersection / union)
-    # The augmentation does something, differently per seed, and the same seed repeats it.
+            # 0.93 or more measured at 128 px; shifting the mask alone by two pixels drops four of the six below 0.9.
+            assert union > 100 and intersection / union > 0.9, (seed, i, intersection / union)
     assert not torch.allclose(outputs[0], outputs[1])
-    again = SkinLesionTransform(processor, train=True, seed=0, brightness=0, contrast=0, saturation=0)(batch)
-    assert torch.equal(again["pixel_values"], outputs[0])
     # Evaluation equals the image processor exactly.
     evaluation = SkinLesionTransform(processor, train=False)(batch)
     reference = processor.preprocess([Image.open(r["image"]["path"]) for r in painted])["pixel_values"]
     torch.testing.assert_close(evaluation["pixel_values"], reference)
 
 
+def test_augmentation_is_seeded_per_image_and_epoch(ham: datasets.Dataset):
+    processor, _ = _tiny_processors()
+    rows = prepare_for_transform(ham.select(range(4))).to_list()
+    transform = SkinLesionTransform(processor, train=True, seed=7)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = transform(_batch(rows))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    torch.manual_seed(2)
+    reordered = transform(_batch(rows[::-1]))  # another batch position, another global RNG state
+    assert reordered["image_id"] == first["image_id"][::-1]
+    assert torch.equal(reordered["pixel_values"].flip(0), first["pixel_values"])
+    assert torch.equal(reordered["lesion_mask"].flip(0), first["lesion_mask"])
+    transform.set_epoch(1)
+    assert not torch.allclose(transform(_batch(rows))["pixel_values"], first["pixel_values"])
+    # Shapes and dtypes the models take.
+    assert first["pixel_values"].shape == (4, 3, 64, 64) and first["pixel_values"].dtype == torch.float32
+    assert first["lesion_mask"].shape == (4, 1, 64, 64) and first["lesion_mask"].dtype == torch.float32
+    assert set(first["lesion_mask"].unique().tolist()) == {0.0, 1.0}
+    assert first["has_mask"].dtype == torch.bool and first["labels"].dtype == torch.int64
+    assert first["labels"].tolist() == column_values(ham.select(range(4)), "label")
+
+
 def test_colour_jitter_changes_image_not_mask(ham: datasets.Dataset):
     processor, metadata = _tiny_processors()
-    rows = prepare_for_transform(ham.select(range(2)))
-    batch = {key: [row[key] for row in rows] for key in rows[0]}
+    rows = prepare_for_transform(ham.select([5, 6])).to_list()  # HAM10000: male / face, female / back
     still = dict(zoom=(1.0, 1.0), max_rotation=0, max_shift=0, flips=False, rotate90=False)
-    plain = SkinLesionTransform(processor, train=True, brightness=0, contrast=0, saturation=0, **still)(batch)
-    jittered = SkinLesionTransform(processor, train=True, metadata_processor=metadata, **still)(batch)
+    plain = SkinLesionTransform(processor, train=True, brightness=0, contrast=0, saturation=0, **still)(_batch(rows))
+    jittered = SkinLesionTransform(processor, train=True, metadata_processor=metadata, **still)(_batch(rows))
     assert torch.equal(plain["lesion_mask"], jittered["lesion_mask"])
     assert not torch.allclose(plain["pixel_values"], jittered["pixel_values"])
-    assert set(jittered) >= {"age", "sex_ids", "site_ids", "labels", "has_mask"}
-    assert jittered["site_ids"].tolist() == metadata([{"site": s} for s in batch["site"]])["site_ids"].tolist()
+    # Without geometry or colour the training path is the resize + normalisation of inference.
+    reference = processor.preprocess([Image.open(row["image"]["path"]) for row in rows])["pixel_values"]
+    torch.testing.assert_close(plain["pixel_values"], reference, atol=1e-5, rtol=0)
+    # The preset's vocabularies: sex ["unknown", "male", "female"]; face → head/neck (5), back → posterior torso (2).
+    assert jittered["sex_ids"].tolist() == [1, 2] and jittered["site_ids"].tolist() == [5, 2]
 
 
 # --------------------------------------------------------------------------------------------------------------------
