@@ -250,13 +250,17 @@ def check_source(model: str) -> None:
         raise SystemExit(str(error)) from None
 
 
-def launch(model: str, host: str, port: int, demo_record: dict[str, Any] | None) -> None:
-    check_source(model)
+def load_space_model(model: str) -> tuple[Any, Any]:
+    """The Space module (`space/app.py`) and `model` loaded by it, as the Space will serve it."""
     sys.path.insert(0, str(SPACE))
     os.environ["SKIN_DUALNET_MODEL"] = model
     import app
 
-    loaded = app.get_model(model)
+    return app, app.get_model(model)
+
+
+def launch(model: str, host: str, port: int, demo_record: dict[str, Any] | None) -> None:
+    app, loaded = load_space_model(model)
     if demo_record:
         banner(
             "THESE ARE DEMO WEIGHTS, trained for a few minutes on a few hundred images.",
@@ -288,13 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             record = train_and_export(args)
         banner(f"Demo model ready in {args.output_dir}:", *describe(record))
+    check_source(model)  # an unreachable id fails here, in seconds, with one line
     if args.no_launch:
         if not args.train_demo:  # check that the Space can load it
-            check_source(model)
-            sys.path.insert(0, str(SPACE))
-            import app
-
-            loaded = app.get_model(model)
+            _, loaded = load_space_model(model)
             print(f"Model {model}: {'loads' if loaded.ok else 'cannot be loaded: ' + str(loaded.error)}", flush=True)
             return 0 if loaded.ok else 1
         return 0

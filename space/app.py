@@ -67,11 +67,18 @@ DISCLAIMER = (
     "If you are worried about a skin lesion, see a doctor."
 )
 CSS = """
-/* The examples table shows every column in full (no ellipsis), wrapping long values instead of cutting them. */
+/* The examples table shows every column in full, wrapping long values instead of cutting them; on a phone it
+   shrinks (smaller thumbnails and padding) to fit the screen, and scrolls sideways rather than cut if it still cannot. */
+#examples .table-wrap { overflow-x: auto; }
+#examples table { width: 100%; }
 #examples td, #examples th { white-space: normal !important; overflow: visible !important;
-  text-overflow: clip !important; max-width: none !important; }
+  text-overflow: clip !important; max-width: none !important; overflow-wrap: break-word; }
+@media (max-width: 640px) {
+  #examples td, #examples th { padding: 4px !important; }
+  #examples td.image .container { width: 48px !important; height: 48px !important; }
+}
 /* Block labels wrap on narrow screens rather than being cut. */
-.block label span, [data-testid="block-label"] { white-space: normal; overflow-wrap: anywhere; }
+[data-testid="block-label"] { white-space: normal; overflow-wrap: anywhere; }
 """
 
 
@@ -441,7 +448,7 @@ def examples() -> list[list[Any]]:
         return []
     with table.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return [[str(EXAMPLES_DIR / row["file"]), float(row["age"]), row["sex"], row["site"]] for row in rows]
+    return [[str(EXAMPLES_DIR / row["file"]), row["age"], row["sex"], row["site"]] for row in rows]
 
 
 def model_status(model: LoadedModel) -> str:
@@ -472,7 +479,7 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     site_choices = [UNKNOWN] + [s for s in model.site_choices if s != UNKNOWN]
 
     def analyse(
-        image: dict | None, age: float | None = None, sex: str | None = UNKNOWN, site: str | None = UNKNOWN
+        image: dict | None, age: str | float | None = None, sex: str | None = UNKNOWN, site: str | None = UNKNOWN
     ) -> tuple:
         # The event runs with `preprocess=False`: the upload arrives as gradio's file record (already checked to lie
         # in the upload folder) and is decoded only by the pipeline's reader, after `check_image` read its header.
@@ -495,9 +502,14 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
                     height=PANEL_HEIGHT,
                     elem_id="image",
                 )
-                # No starting value: an untouched box is a missing age (0 would be used as a real age).
-                age = gr.Number(
-                    value=None, label="Age in years (optional)", minimum=0, maximum=120, precision=0, elem_id="age"
+                # A text box: gradio 6.31's Number box turns an empty value into 0 in the browser (`value ??= 0`),
+                # and 0 would be used as a real age. The pipeline parses what is typed (blank = missing).
+                age = gr.Textbox(
+                    value=None,
+                    label="Age in years (optional)",
+                    placeholder="e.g. 55 (leave empty if unknown)",
+                    max_lines=1,
+                    elem_id="age",
                 )
                 sex = gr.Dropdown(sex_choices, value=UNKNOWN, label="Sex (optional)", elem_id="sex")
                 site = gr.Dropdown(site_choices, value=UNKNOWN, label="Anatomical site (optional)", elem_id="site")
@@ -520,13 +532,14 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
                     cam_image = _image_panel("Grad-CAM: image branch", "cam-image")
                     cam_lesion = _image_panel("Grad-CAM: lesion branch", "cam-lesion")
         if model.ok and examples():
-            gr.Examples(
+            picker = gr.Examples(
                 examples(),
                 inputs=[image, age, sex, site],
-                label="Examples (ISIC Archive, CC0): image, age, sex, anatomical site",
+                label="Examples (ISIC Archive, CC0): click a row to fill the form",
                 cache_examples=False,
                 elem_id="examples",
             )
+            picker.dataset.headers = ["Image", "Age", "Sex", "Anatomical site"]  # short: they fit a phone's width
         gr.Markdown(model_status(model), elem_id="model-info")
         run.click(
             analyse,

@@ -208,7 +208,7 @@ def test_examples_exist_and_use_the_model_vocabulary(app, tiny_model):
         assert Path(path).is_file()
         with Image.open(path) as image:
             assert max(image.size) <= 512
-        assert 0 <= age <= 120 and sex in model.sex_choices and site in model.site_choices
+        assert 0 <= float(age) <= 120 and sex in model.sex_choices and site in model.site_choices
     assert "CC0" in (SPACE / "examples" / "ATTRIBUTION.md").read_text()
 
 
@@ -260,6 +260,17 @@ def test_unknown_hub_id_offline_is_reported(app, monkeypatch):
     monkeypatch.setenv(app.MODEL_ENV, "org/this-model-does-not-exist")
     model = app.get_model()  # the source comes from the environment variable
     assert model.source == "org/this-model-does-not-exist" and not model.ok
+
+
+def test_app_refuses_to_launch_an_unreachable_model_id_from_a_clone(app, monkeypatch):
+    """`python space/app.py --model org/x` in a clone (the package is there): one line naming the local folder
+    instead of a page that cannot predict (on a Space, without the package, the page shows the reason)."""
+    monkeypatch.setattr(app, "build", lambda *args: pytest.fail("a Space was built for a model it cannot load"))
+    with pytest.raises(SystemExit) as caught:
+        app.main(["--model", "org/not-published-yet"])
+    message = str(caught.value.code)
+    assert "Cannot load 'org/not-published-yet'" in message and "checkpoints/skin-dualnet-small" in message
+    assert "\n" not in message
 
 
 def test_page_of_an_unloadable_model_says_so(app, broken_model):
@@ -379,8 +390,10 @@ def test_server_answers_50_visitors_at_once(server, images):
     from gradio_client.utils import Status
 
     visitors = 50
+    # A browser waits for its upload as long as it takes; on 2 busy cores that can exceed httpx's 5 s default.
+    patient = {"timeout": 120}
     with ThreadPoolExecutor(16) as pool:
-        clients = list(pool.map(lambda _: Client(server, verbose=False), range(visitors)))
+        clients = list(pool.map(lambda _: Client(server, verbose=False, httpx_kwargs=patient), range(visitors)))
     before = rss_mb()
     start = time.monotonic()
     jobs = [client.submit(handle_file(str(images["rgb"])), None, None, None, api_name="/predict") for client in clients]
@@ -410,7 +423,7 @@ def test_requests_beyond_the_queue_bound_are_refused_with_a_clear_message(app, t
     demo = app.build(tiny_model, queue_size=2)  # the bound, small enough to overflow with a few clients
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        clients = [Client(url, verbose=False) for _ in range(8)]
+        clients = [Client(url, verbose=False, httpx_kwargs={"timeout": 120}) for _ in range(8)]
         jobs = [client.submit(handle_file(str(images["rgb"])), api_name="/predict") for client in clients]
         outcomes = []
         for job in jobs:
