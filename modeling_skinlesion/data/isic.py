@@ -42,8 +42,7 @@ from .schema import (
     _add_row,
     _build,
     _check_dir,
-    _check_masks_option,
-    _check_on_missing,
+    _check_loader_arguments,
     _clean_string,
     _empty_rows,
     _index_files,
@@ -139,9 +138,7 @@ def load_isic2016_task1(
     keep `mask` None (`masks=False` drops every mask). No labels: `label` is -1 under the class names of `labels`
     (`"isic2019"` or `"ham10000"`), so the set concatenates with the other loaders.
     """
-    root = _check_dir(root, "root")
-    _check_masks_option(masks)
-    _check_on_missing(on_missing)
+    root = _check_loader_arguments(root, masks, on_missing)
     layout = "ISBI2016_ISIC_Part1_{Training,Test}_Data/ + ISBI2016_ISIC_Part1_{Training,Test}_GroundTruth/"
     pairs = _paired_folders(root, split, ISIC2016_IMAGES, ISIC2016_MASKS, "ISIC 2016", layout, on_missing)
     return _segmentation_set(pairs, masks, "isic2016_task1", labels)
@@ -163,9 +160,7 @@ def load_isic2018_task1(
     names of `labels`, so it concatenates with `load_isic2017` and `load_isic2019`. `on_missing` only applies when a
     mask has no image.
     """
-    root = _check_dir(root, "root")
-    _check_masks_option(masks)
-    _check_on_missing(on_missing)
+    root = _check_loader_arguments(root, masks, on_missing)
     # Task 1 folders when there are any: a root that also holds ISIC2018_Task3_Training_Input must not mix it in.
     task1 = bool(_folders(root, ISIC2018_IMAGES, None))
     image_pattern = ISIC2018_IMAGES if task1 else re.compile(r"_Input$")
@@ -251,9 +246,7 @@ def load_isic2017(
     `labels="ham10000"` names the classes as HAM10000 `dx` codes (mel, nv, bkl) instead of ISIC 2019 classes.
     There are no lesion ids, so `group_id` is the image id.
     """
-    root = _check_dir(root, "root")
-    _check_masks_option(masks)
-    _check_on_missing(on_missing)
+    root = _check_loader_arguments(root, masks, on_missing)
     names = check_label_set(labels)
     manifest = root / "manifest.csv"
     if not manifest.is_file():
@@ -318,9 +311,7 @@ def load_ham10000(
 
     `group_id` is the `lesion_id`: several images of one lesion always land in the same split.
     """
-    root = _check_dir(root, "root")
-    _check_masks_option(masks)
-    _check_on_missing(on_missing)
+    root = _check_loader_arguments(root, masks, on_missing)
     names = check_label_set(labels)
     if metadata_csv is None:
         candidates = sorted(root.rglob("HAM10000_metadata.csv")) or sorted(root.rglob("HAM10000_metadata*"))
@@ -389,9 +380,7 @@ def load_isic2019(
     follow `on_missing` (the warning names them). ISIC 2019 has no masks (`masks=True` is refused) and only its own
     label set (`labels="isic2019"`); both keywords exist so every loader takes them.
     """
-    root = _check_dir(root, "root")
-    _check_on_missing(on_missing)
-    _check_masks_option(masks)
+    root = _check_loader_arguments(root, masks, on_missing)
     if masks is True:
         raise ValueError("ISIC 2019 has no lesion masks; load it with `masks=False` (or 'optional').")
     check_label_set(labels, ("isic2019",))

@@ -30,9 +30,7 @@ from .schema import (
     OnMissing,
     _add_row,
     _build,
-    _check_dir,
-    _check_masks_option,
-    _check_on_missing,
+    _check_loader_arguments,
     _empty_rows,
     _report_missing,
     check_label_set,
@@ -142,9 +140,7 @@ def load_ph2(
 
     There is no age, sex or site; `group_id` is the case name (one image per lesion).
     """
-    root = _check_dir(root, "root")
-    _check_masks_option(masks)
-    _check_on_missing(on_missing)
+    root = _check_loader_arguments(root, masks, on_missing)
     names = check_label_set(labels, ("ham10000", "isic2019", "ph2"))
     folders = [root] if root.name == PH2_IMAGES_FOLDER else sorted(root.rglob(PH2_IMAGES_FOLDER))
     if not folders:

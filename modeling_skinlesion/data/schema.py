@@ -173,3 +173,10 @@ def _check_on_missing(on_missing: str) -> None:
 def _check_masks_option(masks: Any) -> None:
     if masks not in (True, False, "optional"):
         raise ValueError(f"`masks` must be True, False or 'optional', got {masks!r}.")
+
+
+def _check_loader_arguments(root: str | os.PathLike, masks: Any, on_missing: str) -> Path:
+    """The checks every folder loader starts with; returns `root` as a Path."""
+    _check_masks_option(masks)
+    _check_on_missing(on_missing)
+    return _check_dir(root, "root")
