@@ -21,6 +21,7 @@ the training software, trained on a few hundred small images: they are not a usa
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -242,10 +243,13 @@ def train_and_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_source(model: str) -> None:
     """Fail in seconds, with one line, for a model that is neither a folder nor reachable on the Hub."""
-    from modeling_skinlesion.hub import check_model_source
-
+    # `modeling_skinlesion.hub` needs only huggingface_hub; loaded from its file, it skips the package's __init__
+    # (torch, transformers: 8+ s of imports), so a wrong id fails before any of that is paid.
+    spec = importlib.util.spec_from_file_location("skin_dualnet_hub", REPO_ROOT / "modeling_skinlesion" / "hub.py")
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)
     try:
-        check_model_source(model, str(SHIPPED_MODEL.relative_to(REPO_ROOT)))
+        hub.check_model_source(model, str(SHIPPED_MODEL.relative_to(REPO_ROOT)))
     except ValueError as error:
         raise SystemExit(str(error)) from None
 

@@ -78,6 +78,15 @@ def test_bundled_sample_is_reproducible_and_holds_whole_lesions(data_root, tmp_p
 # --------------------------------------------------------------------------------------------------------------------
 # A short demo run
 # --------------------------------------------------------------------------------------------------------------------
+def import_demo(monkeypatch):
+    """`scripts/demo.py` as a module, run in this process (the Space model it selects is reset afterwards)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.setenv("SKIN_DUALNET_MODEL", "")  # demo.py sets it; monkeypatch restores it
+    import demo
+
+    return demo
+
+
 def run_demo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     return subprocess.run(
@@ -129,18 +138,17 @@ def test_demo_export_serves_the_space(demo_export):
 
 
 @pytest.mark.slow
-def test_demo_reuses_a_complete_export_and_checks_a_given_model(demo_export, tmp_path):
+def test_demo_reuses_a_complete_export_and_checks_a_given_model(demo_export, tmp_path, monkeypatch, capsys):
+    demo = import_demo(monkeypatch)
     output, _ = demo_export
     stamp = (output / "model.safetensors").stat().st_mtime_ns
-    again = run_demo("--train-demo", "--output-dir", str(output), "--no-launch", timeout=120)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Reusing the demo weights" in again.stdout and "train_segmenter.py" not in again.stdout
+    assert demo.main(["--train-demo", "--output-dir", str(output), "--no-launch"]) == 0
+    again = capsys.readouterr().out
+    assert "Reusing the demo weights" in again and "train_segmenter.py" not in again
     assert (output / "model.safetensors").stat().st_mtime_ns == stamp
-    given = run_demo(str(output), "--no-launch", timeout=300)
-    assert given.returncode == 0 and "loads" in given.stdout, given.stdout[-2000:] + given.stderr[-2000:]
+    assert demo.main([str(output), "--no-launch"]) == 0 and "loads" in capsys.readouterr().out
     (tmp_path / "config.json").write_text("{")
-    broken = run_demo(str(tmp_path), "--no-launch", timeout=300)
-    assert broken.returncode == 1 and "cannot be loaded" in broken.stdout
+    assert demo.main([str(tmp_path), "--no-launch"]) == 1 and "cannot be loaded" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -193,8 +201,7 @@ def test_main_command_serves_the_shipped_checkpoint_without_training():
 
 def test_unreachable_model_id_fails_fast_and_launches_nothing(monkeypatch):
     """One line naming the local alternatives, before the Space is imported or anything is launched."""
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    import demo
+    demo = import_demo(monkeypatch)
 
     launched = []
     monkeypatch.setattr(demo, "launch", lambda *args: launched.append(args))
