@@ -2,7 +2,13 @@
 
 Importing the package registers the models with the transformers Auto classes, so `AutoConfig`, `AutoModel`,
 `AutoModelForImageClassification`, `AutoModelForSemanticSegmentation` and `AutoImageProcessor` resolve them without
-`trust_remote_code`, and `save_pretrained` writes the `auto_map` and copies the code for remote loading.
+`trust_remote_code`, registers the "skin-lesion-analysis" pipeline, and `save_pretrained` writes the `auto_map` and
+copies the code for remote loading.
+
+Remote-code boundary: the `*_skinlesion.py` modules (configuration, modeling, image_processing, explaining, pipeline)
+are the files shipped to the Hub as remote code and import only each other plus torch / transformers / timm / numpy /
+PIL and the standard library; every other module (`analyzer`, `grad_cam_backend`, `data`, `metrics`, `model_card`,
+`hub`) is package-only.
 """
 
 from transformers import (
@@ -13,8 +19,9 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
+from .analyzer import SkinLesionAnalyzer
 from .configuration_skinlesion import SkinDualNetConfig, SkinLesionSegmenterConfig
-from .image_processing_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
+from .image_processing_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor, load_image
 from .modeling_skinlesion import (
     SkinDualNet,
     SkinDualNetOutput,
@@ -22,7 +29,7 @@ from .modeling_skinlesion import (
     SkinLesionSegmenterOutput,
     build_lesion_image,
 )
-from .pipeline_skinlesion import SkinLesionAnalysisPipeline, SkinLesionAnalyzer, register_pipeline, save_for_hub
+from .pipeline_skinlesion import SkinLesionAnalysisPipeline, register_pipeline, save_for_hub
 
 AutoConfig.register(SkinLesionSegmenterConfig.model_type, SkinLesionSegmenterConfig, exist_ok=True)
 AutoConfig.register(SkinDualNetConfig.model_type, SkinDualNetConfig, exist_ok=True)
@@ -56,5 +63,7 @@ __all__ = [
     "build_lesion_image",
     "SkinLesionAnalyzer",
     "SkinLesionAnalysisPipeline",
+    "load_image",
+    "register_pipeline",
     "save_for_hub",
 ]

@@ -1,5 +1,6 @@
 """Pre- and post-processing for skin-dualnet: images and masks, lesion-mask clean-up, and patient metadata."""
 
+import io
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -22,15 +23,10 @@ SITE_KEYS = ("anatom_site_general", "anatom_site_general_challenge", "localizati
 MISSING_STRINGS = {"", "nan", "none", "null", "unknown", "na", "n/a"}
 
 
-def load_image(image: Any, name: str | None = None) -> Image.Image:
-    """Open a path or bytes-like file as a PIL image with its EXIF rotation applied.
-
-    Raises a `ValueError` naming the file when it is missing, not an image, truncated, or a decompression bomb
-    (larger than `PIL.Image.MAX_IMAGE_PIXELS`).
-    """
-    if isinstance(image, Image.Image):
-        return image
-    label = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__)
+def _open_image(image: Any, label: str) -> Image.Image:
+    """Decode a path, bytes or file object with PIL and apply its EXIF rotation; errors name `label`."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = io.BytesIO(image)
     try:
         with Image.open(image) as opened:
             opened.load()
@@ -48,22 +44,34 @@ def load_image(image: Any, name: str | None = None) -> Image.Image:
         ) from error
 
 
-def _pil_to_array(image: Image.Image) -> np.ndarray:
-    """RGB float32 array in [0, 1], shape (height, width, 3), from any PIL mode."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        array = np.asarray(image, dtype=np.float32) / 65535.0
-        return np.repeat(array[..., None], 3, axis=2)
-    if image.mode in ("I", "F"):
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and 32-bit grey scaled to 8 bits, transparency flattened onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if array.max(initial=0) > 255 else 255.0
-        return np.repeat(np.clip(array / scale, 0, 1)[..., None], 3, axis=2)
+        # 16-bit files use 0-65535; 32-bit ones hold either range.
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
+        image = Image.fromarray((np.clip(array * scale, 0, 255) + 0.5).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         # Transparent pixels are composited onto white, as an image viewer would show them.
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(image: Any, name: str | None = None) -> Image.Image:
+    """The one image reader: a path, bytes, file object or PIL image as an 8-bit RGB PIL image.
+
+    Decodes the file, applies its EXIF rotation, scales 16-bit and 32-bit grey to 8 bits and flattens transparency
+    onto white. The processor, the pipeline, the Space and the command line all read images through it. Raises a
+    `ValueError` naming the file (`name`, else the path) when it is missing, not an image, truncated, or a
+    decompression bomb (larger than `PIL.Image.MAX_IMAGE_PIXELS`).
+    """
+    if isinstance(image, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(image))
+    label = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__)
+    return _to_rgb(_open_image(image, label))
 
 
 def _array_to_array(array: np.ndarray, name: str) -> np.ndarray:
@@ -100,15 +108,16 @@ def _array_to_array(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def to_rgb_array(image: Any, name: str = "image") -> np.ndarray:
-    """Any supported image input (PIL, numpy, torch, path) as an RGB float32 array in [0, 1] of shape (h, w, 3)."""
-    if isinstance(image, (str, os.PathLike)):
-        return _pil_to_array(load_image(image))
-    if isinstance(image, Image.Image):
-        return _pil_to_array(ImageOps.exif_transpose(image))
+    """Any supported image input (PIL, path, bytes, numpy, torch) as an RGB float32 array in [0, 1] of shape
+    (h, w, 3). Files and PIL images go through `load_image`; arrays keep their precision (no 8-bit step)."""
     if isinstance(image, torch.Tensor):
         return _array_to_array(image.detach().cpu().numpy(), name)
     if isinstance(image, np.ndarray):
         return _array_to_array(image, name)
+    if isinstance(image, (str, os.PathLike)):
+        return np.asarray(load_image(image), dtype=np.float32) / 255.0  # errors name the path
+    if isinstance(image, (bytes, bytearray, Image.Image)) or hasattr(image, "read"):
+        return np.asarray(load_image(image, name), dtype=np.float32) / 255.0
     raise ValueError(
         f"{name} must be a PIL image, a numpy array, a torch tensor or a file path, got {type(image).__name__}."
     )
@@ -117,7 +126,7 @@ def to_rgb_array(image: Any, name: str = "image") -> np.ndarray:
 def to_binary_mask(mask: Any, name: str = "mask") -> np.ndarray:
     """A mask (PIL, numpy, torch, path; 0/1, 0/255 or probabilities) as a boolean array of shape (h, w)."""
     if isinstance(mask, (str, os.PathLike)):
-        mask = load_image(mask)
+        mask = _open_image(mask, os.fspath(mask))  # not `load_image`: a mask keeps its own mode (grey, palette)
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
     if isinstance(mask, torch.Tensor):
@@ -409,23 +418,9 @@ class SkinLesionMetadataProcessor:
             ),
         }
 
-    def _records(self, records: Any, batch_size: int | None) -> list[Any]:
-        if records is None:
-            return [None] * (batch_size or 1)
-        if isinstance(records, Mapping):
-            return [records]
-        if hasattr(records, "to_dict") and hasattr(records, "columns"):  # pandas DataFrame
-            return records.to_dict(orient="records")
-        if hasattr(records, "to_dict"):  # pandas Series
-            return [records.to_dict()]
-        return list(records)
-
-    def __call__(self, records: Any = None, batch_size: int | None = None, return_tensors: str = "pt") -> BatchFeature:
-        """Records (a dict, a list of dicts, a pandas DataFrame or row, or None for "no metadata" with
-        `batch_size`) → `BatchFeature` with `age` (float, NaN = missing), `sex_ids` and `site_ids` (0 = unknown)."""
-        parsed = [self.normalize_record(r) for r in self._records(records, batch_size)]
-        if batch_size is not None and len(parsed) != batch_size:
-            raise ValueError(f"Got {len(parsed)} metadata records for a batch of {batch_size} images.")
+    def encode(self, parsed: list[dict[str, Any]], return_tensors: str = "pt") -> BatchFeature:
+        """Records already normalised by `normalize_record` → `BatchFeature` with `age` (float, NaN = missing),
+        `sex_ids` and `site_ids` (0 = unknown)."""
         data = {
             "age": torch.tensor([p["age"] if p["age"] is not None else float("nan") for p in parsed]),
             "sex_ids": torch.tensor([self.sex_vocab.index(p["sex"]) if p["sex"] else 0 for p in parsed]),
@@ -433,5 +428,49 @@ class SkinLesionMetadataProcessor:
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def __call__(self, records: Any = None, batch_size: int | None = None, return_tensors: str = "pt") -> BatchFeature:
+        """Records (a dict, a list of dicts, a pandas DataFrame or row, or None for "no metadata" with
+        `batch_size`) → `BatchFeature` with `age` (float, NaN = missing), `sex_ids` and `site_ids` (0 = unknown)."""
+        if records is None:
+            records = [None] * (batch_size or 1)
+        elif isinstance(records, Mapping) or (hasattr(records, "to_dict") and not hasattr(records, "columns")):
+            records = [records]  # one record (dict or pandas row)
+        records = metadata_records(records, None)
+        if batch_size is not None and len(records) != batch_size:
+            raise ValueError(f"Got {len(records)} metadata records for a batch of {batch_size} images.")
+        parsed = [self.normalize_record(record) for record in records]
+        return self.encode(parsed, return_tensors)
 
-__all__ = ["SkinLesionImageProcessor", "SkinLesionMetadataProcessor", "load_image", "clean_mask"]
+
+def metadata_records(metadata: Any, count: int | None) -> list[Any]:
+    """One metadata record (or None) per image: `metadata` may be None (no metadata for `count` images), one mapping
+    for every image, a list with one mapping (or None) per image, or a pandas DataFrame with one row per image. With
+    `count` None, a list or DataFrame gives as many records as it holds."""
+    if metadata is None:
+        return [None] * (count or 1)
+    if isinstance(metadata, Mapping):
+        return [metadata] * (count or 1)
+    if hasattr(metadata, "to_dict") and hasattr(metadata, "columns"):  # pandas DataFrame
+        metadata = metadata.to_dict(orient="records")
+    if not isinstance(metadata, (list, tuple)):
+        raise ValueError(
+            f"`metadata` must be a mapping such as {{'age': 55, 'sex': 'female', 'site': 'back'}}, a list of them, "
+            f"or a DataFrame, got {type(metadata).__name__}."
+        )
+    if count is not None and len(metadata) != count:
+        raise ValueError(
+            f"`metadata` holds {len(metadata)} records for {count} images; pass one per image (None where unknown), "
+            "or a single mapping for all."
+        )
+    return list(metadata)
+
+
+__all__ = [
+    "SkinLesionImageProcessor",
+    "SkinLesionMetadataProcessor",
+    "clean_mask",
+    "load_image",
+    "metadata_records",
+    "to_binary_mask",
+    "to_rgb_array",
+]

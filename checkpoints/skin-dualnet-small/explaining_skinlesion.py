@@ -5,8 +5,9 @@ keep the activation of the Grad-CAM layer of each encoder as an autograd leaf, a
 (each encoder runs with gradients off up to that layer), and `torch.autograd.grad` differentiates the class score with
 respect to those two leaves only, so no parameter gradient is computed and no branch runs twice.
 
-This module is shipped as remote code next to the pipeline, so it imports only torch, numpy and PIL. The
-pytorch-grad-cam path (every CAM method of that library, one call per branch) is in `modeling_skinlesion.explain`.
+Remote code (the `*_skinlesion.py` rule, see `pipeline_skinlesion`): shipped beside the weights, so it imports only
+torch, numpy, PIL and the standard library. The pytorch-grad-cam backend (every CAM method of that library, one call
+per branch) is package-only: `modeling_skinlesion.grad_cam_backend`; its explainers plug into the pipeline as objects.
 Heatmap convention: float32 in [0, 1], 0 = cold, 1 = hot.
 """
 
@@ -52,12 +53,27 @@ class SkinDualNetExplanation:
 # --------------------------------------------------------------------------------------------------------------------
 # Layers, classes and model state
 # --------------------------------------------------------------------------------------------------------------------
-def _check_dualnet(model: Any) -> None:
-    if getattr(getattr(model, "config", None), "model_type", None) != "skin_dualnet":
+def check_dualnet(model: Any, name: str = "model") -> None:
+    """Raise a `ValueError` unless `model` (a model, or its config) is a skin-dualnet classifier: the one model-type
+    check of the pipeline, the explainers and `save_for_hub`."""
+    config = getattr(model, "config", model)
+    if getattr(config, "model_type", None) != "skin_dualnet":
         raise ValueError(
-            f"`model` must be a SkinDualNet (config.model_type 'skin_dualnet'), got {type(model).__name__}; load it "
-            "with `AutoModelForImageClassification.from_pretrained(...)`."
+            f"`{name}` must be a SkinDualNet (config.model_type 'skin_dualnet'), got {type(model).__name__} "
+            f"(model_type {getattr(config, 'model_type', None)!r}); load a classifier with "
+            "`AutoModelForImageClassification.from_pretrained(...)`."
         )
+
+
+@dataclass(frozen=True)
+class CamSite:
+    """Where Grad-CAM reads one branch: `encoder` (the branch's `SkinDualNetImageEncoder`) and `layer`, whose output
+    is the activation, or whose input with `reads_input` (the default site: the trunk's final feature map as it enters
+    `encoder.projection`)."""
+
+    encoder: nn.Module
+    layer: nn.Module
+    reads_input: bool
 
 
 def _layer_candidates(trunk: nn.Module) -> list[str]:
@@ -66,37 +82,36 @@ def _layer_candidates(trunk: nn.Module) -> list[str]:
     return names or [name for name, _ in trunk.named_children()]
 
 
-def resolve_cam_sites(model: nn.Module, layer: str | None = None) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """Per branch, `(encoder, layer)`: the branch's `SkinDualNetImageEncoder` and the Grad-CAM layer in its timm trunk.
+def resolve_cam_sites(model: nn.Module, layer: str | None = None) -> dict[str, CamSite]:
+    """Per branch, the `CamSite` of Grad-CAM.
 
-    `layer` (relative to each trunk) defaults to `model.config.gradcam_layer()`, then to the last entry of the trunk's
-    timm `feature_info`. The `"lesion"` entry is absent when the model has no lesion branch; with shared encoders both
-    entries hold the same modules.
+    `layer` (a module name inside each timm trunk, e.g. one of timm's `feature_info` modules) defaults to
+    `model.config.gradcam_target_layer`; when both are unset, the activation is the trunk's final feature map (what
+    timm's `forward_features` returns and the encoder's projection reads: `layer4` of a ResNet, `features.norm5` of a
+    DenseNet, the head convolution's `bn2` of an EfficientNet), so no table of layer names is needed. The `"lesion"`
+    entry is absent when the model has no lesion branch; with shared encoders both entries hold the same modules.
     """
-    _check_dualnet(model)
-    name = layer or model.config.gradcam_layer()
+    check_dualnet(model)
+    name = layer or getattr(model.config, "gradcam_target_layer", None)
     encoders = {"image": model.image_encoder}
     if model.lesion_branch is not None:
         encoders["lesion"] = model.lesion_branch
     sites = {}
     for branch, encoder in encoders.items():
-        trunk = encoder.trunk
-        layer_name = name or _layer_candidates(trunk)[-1]
+        if not name:
+            sites[branch] = CamSite(encoder, encoder.projection, reads_input=True)
+            continue
         try:
-            module = trunk.get_submodule(layer_name)
+            module = encoder.trunk.get_submodule(name)
         except AttributeError as error:
             raise ValueError(
-                f"Grad-CAM layer {layer_name!r} is not a module of the {branch} encoder's trunk "
+                f"Grad-CAM layer {name!r} is not a module of the {branch} encoder's trunk "
                 f"({model.config.encoder_name}); set `gradcam_target_layer` in the config (or pass `layer`) to a "
-                f"module name of the trunk such as {_layer_candidates(trunk)}."
+                f"module name of the trunk such as {_layer_candidates(encoder.trunk)}, or leave it unset for the "
+                "trunk's final feature map."
             ) from error
-        sites[branch] = (encoder, module)
+        sites[branch] = CamSite(encoder, module, reads_input=False)
     return sites
-
-
-def resolve_cam_layers(model: nn.Module, layer: str | None = None) -> dict[str, nn.Module]:
-    """The Grad-CAM layer of each encoder: `{"image": module, "lesion": module}` (no "lesion" without that branch)."""
-    return {branch: module for branch, (_, module) in resolve_cam_sites(model, layer).items()}
 
 
 def _resolve_one_class(value: Any, id2label: Mapping[int, str], where: str) -> int:
@@ -182,11 +197,11 @@ def preserved_model_state(model: nn.Module, inplace_off: bool = False, keep_grad
 # Fast Grad-CAM
 # --------------------------------------------------------------------------------------------------------------------
 class _ActivationTaps:
-    """Forward hooks for one explanation: each encoder runs with autograd off until its Grad-CAM layer, whose output
+    """Forward hooks for one explanation: each encoder runs with autograd off until its Grad-CAM site, whose activation
     becomes an autograd leaf (recorded, in call order) from which recording resumes. The hooks only act in the thread
     that created them, so a plain prediction running concurrently in another thread passes through untouched."""
 
-    def __init__(self, sites: dict[str, tuple[nn.Module, nn.Module]]):
+    def __init__(self, sites: dict[str, CamSite]):
         self.thread = threading.get_ident()
         self.sites = sites
         self.records: dict[int, list[torch.Tensor]] = {}
@@ -194,10 +209,13 @@ class _ActivationTaps:
         try:
             # With shared encoders both branches name the same encoder and layer: hook them once. The pre-hook sits on
             # the encoder because it calls its trunk's `forward_features` directly, which runs no trunk hooks.
-            for encoder, layer in {id(layer): (encoder, layer) for encoder, layer in sites.values()}.values():
-                self.records[id(layer)] = []
-                self.handles.append(encoder.register_forward_pre_hook(self._stop_recording))
-                self.handles.append(layer.register_forward_hook(self._keep(id(layer))))
+            for site in {id(site.layer): site for site in sites.values()}.values():
+                self.records[id(site.layer)] = []
+                self.handles.append(site.encoder.register_forward_pre_hook(self._stop_recording))
+                if site.reads_input:
+                    self.handles.append(site.layer.register_forward_pre_hook(self._keep_input(id(site.layer))))
+                else:
+                    self.handles.append(site.layer.register_forward_hook(self._keep_output(id(site.layer))))
         except BaseException:
             self.remove()
             raise
@@ -206,21 +224,32 @@ class _ActivationTaps:
         if threading.get_ident() == self.thread:
             torch.set_grad_enabled(False)
 
-    def _keep(self, key: int):
+    def _leaf(self, key: int, module: nn.Module, activation: Any) -> torch.Tensor:
+        if not isinstance(activation, torch.Tensor) or activation.ndim != 4:
+            kind = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
+            raise ValueError(
+                f"Grad-CAM needs a layer whose output is (batch_size, channels, height, width), got {kind} from "
+                f"{type(module).__name__}; set `gradcam_target_layer` in the config to a convolutional stage."
+            )
+        torch.set_grad_enabled(True)
+        leaf = activation.detach().requires_grad_(True)
+        self.records[key].append(leaf)
+        # A copy goes on, so an in-place op after the layer cannot modify the leaf we differentiate against.
+        return leaf.clone()
+
+    def _keep_input(self, key: int):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if threading.get_ident() != self.thread:
+                return None
+            return (self._leaf(key, module, args[0]), *args[1:])
+
+        return hook
+
+    def _keep_output(self, key: int):
         def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
             if threading.get_ident() != self.thread:
                 return None
-            if not isinstance(output, torch.Tensor) or output.ndim != 4:
-                kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                raise ValueError(
-                    f"Grad-CAM needs a layer whose output is (batch_size, channels, height, width), got {kind} from "
-                    f"{type(module).__name__}; set `gradcam_target_layer` in the config to a convolutional stage."
-                )
-            torch.set_grad_enabled(True)
-            leaf = output.detach().requires_grad_(True)
-            self.records[key].append(leaf)
-            # A copy goes on, so an in-place op after the layer cannot modify the leaf we differentiate against.
-            return leaf.clone()
+            return self._leaf(key, module, output)
 
         return hook
 
@@ -229,13 +258,13 @@ class _ActivationTaps:
         encoders the first call is the image branch's."""
         taken: dict[int, int] = {}
         result = {}
-        for branch, (_, layer) in self.sites.items():
-            index = taken.get(id(layer), 0)
-            records = self.records[id(layer)]
-            if index >= len(records):
+        for branch, site in self.sites.items():
+            key = id(site.layer)
+            index = taken.get(key, 0)
+            if index >= len(self.records[key]):
                 raise RuntimeError(f"The Grad-CAM layer of the {branch} encoder did not run during the forward pass.")
-            result[branch] = records[index]
-            taken[id(layer)] = index + 1
+            result[branch] = self.records[key][index]
+            taken[key] = index + 1
         return result
 
     def remove(self) -> None:
@@ -300,8 +329,9 @@ class SkinDualNetGradCAM:
 
     Args:
         method (`str`, *optional*, defaults to `"gradcam"`): one of `FAST_CAM_METHODS`. Other CAM methods (EigenCAM,
-            ScoreCAM, ...) run through pytorch-grad-cam: `modeling_skinlesion.explain.SkinDualNetLibraryCAM`.
-        layer (`str`, *optional*): the layer inside each timm trunk; defaults to `model.config.gradcam_layer()`.
+            ScoreCAM, ...) run through pytorch-grad-cam: `modeling_skinlesion.grad_cam_backend.SkinDualNetLibraryCAM`.
+        layer (`str`, *optional*): a module inside each timm trunk; defaults to `model.config.gradcam_target_layer`,
+            then to the trunk's final feature map (see `resolve_cam_sites`).
 
     Calling it with the model and its inputs returns a [`SkinDualNetExplanation`]. The model is left as it was found:
     its train/eval flags are restored, no hook stays registered, no parameter gets a gradient, no flag is changed.
@@ -315,8 +345,9 @@ class SkinDualNetGradCAM:
     def __init__(self, method: str = "gradcam", layer: str | None = None):
         if method not in FAST_CAM_METHODS:
             raise ValueError(
-                f"Unknown fast CAM `method` {method!r}; choose one of {list(FAST_CAM_METHODS)}, or use "
-                "`modeling_skinlesion.explain.SkinDualNetLibraryCAM` for the other pytorch-grad-cam methods."
+                f"Unknown fast CAM `method` {method!r}; choose one of {list(FAST_CAM_METHODS)}, or, with the "
+                "skin-dualnet package and grad-cam installed, `modeling_skinlesion.grad_cam_backend.get_explainer"
+                f"({method!r})` for the other pytorch-grad-cam methods."
             )
         self.method = method
         self.layer = layer
@@ -455,7 +486,8 @@ def lesion_focus(heatmap: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Te
     return float(heat[binary].sum(dtype=np.float64) / total)
 
 
-def _rgb_uint8(image: Any) -> np.ndarray:
+def rgb_uint8(image: Any) -> np.ndarray:
+    """An image (PIL, or an RGB/grey array, uint8 or float in [0, 1]) as a uint8 RGB array `(height, width, 3)`."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
@@ -488,7 +520,7 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
 
 def heatmap_overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
     """Blend a [0, 1] heatmap (jet colours) over an RGB image of the same size, `alpha` being the heatmap's weight."""
-    rgb = _rgb_uint8(image)
+    rgb = rgb_uint8(image)
     heat = np.asarray(heatmap)
     if heat.shape != rgb.shape[:2]:
         raise ValueError(f"`heatmap` is {heat.shape} but the image is {rgb.shape[:2]}; use heatmap_to_image first.")
@@ -527,7 +559,7 @@ def mask_overlay(
 ) -> Image.Image:
     """Tint the lesion (`mask` True) over an RGB image of the same size and draw its outline (`contour_width` pixels,
     by default about 1/150 of the image's short side)."""
-    rgb = _rgb_uint8(image)
+    rgb = rgb_uint8(image)
     binary = np.asarray(mask).astype(bool)
     if binary.shape != rgb.shape[:2]:
         raise ValueError(f"`mask` is {binary.shape} but the image is {rgb.shape[:2]}.")
@@ -558,8 +590,10 @@ def pixel_values_to_image(
 __all__ = [
     "BRANCHES",
     "FAST_CAM_METHODS",
+    "CamSite",
     "SkinDualNetExplanation",
     "SkinDualNetGradCAM",
+    "check_dualnet",
     "compute_cam",
     "heatmap_overlay",
     "heatmap_to_image",
@@ -571,7 +605,7 @@ __all__ = [
     "pixel_values_to_image",
     "preserved_model_state",
     "resize_cams",
-    "resolve_cam_layers",
     "resolve_cam_sites",
     "resolve_target_classes",
+    "rgb_uint8",
 ]
