@@ -345,7 +345,10 @@ def test_server_predicts_and_reports_bad_inputs(app, server, images):
     from gradio_client.exceptions import AppError
 
     client = client_for(server)
-    result = client.predict(handle_file(str(images["rgb"])), 60, "male", "posterior torso", api_name="/predict")
+    # By name, as space/README.md shows.
+    result = client.predict(
+        handle_file(str(images["rgb"])), age=60, sex="male", site="posterior torso", api_name="/predict"
+    )
     check_remote_outputs(result, LABELS)
     assert "| age | 60 |" in result[6] and "| sex | male |" in result[6]
     # The optional fields may be left out of an API call: they mean "missing", not age 0.
