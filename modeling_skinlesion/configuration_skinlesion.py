@@ -50,24 +50,28 @@ SITE_SYNONYMS = {
 SEX_VOCAB = ["unknown", "male", "female"]
 SEX_SYNONYMS = {"m": "male", "man": "male", "f": "female", "woman": "female"}
 
-# Layers whose activations Grad-CAM hooks, relative to a timm trunk, for the trunks we ship presets for.
-# Other trunks fall back to the last entry of timm's `feature_info`.
-GRADCAM_LAYERS = {
-    "densenet": "features.norm5",
-    "efficientnet": "bn2",
-    "test_efficientnet": "bn2",
-    "resnet": "layer4",
-    "test_resnet": "layer4",
-}
+
+def _as_lists(config: PreTrainedConfig, *fields: str) -> None:
+    """JSON and callers give lists or tuples; store lists so a saved and reloaded config compares equal."""
+    for field in fields:
+        setattr(config, field, list(getattr(config, field)))
 
 
-def _check_timm_name(field: str, name: str) -> None:
+def _check_encoder(config: PreTrainedConfig) -> None:
+    """The fields both models share: a timm `encoder_name` and RGB input. (Whether `image_size` holds at least one
+    cell of the encoder's last feature map is checked by the model, from the trunk's timm `feature_info`.)"""
     import timm
 
+    name = config.encoder_name
     if not timm.is_model(name):
         family = re.sub(r"[\d_].*", "", name)
         close = timm.list_models(f"*{family}*")[:10] if family else []
-        raise ValueError(f"`{field}`={name!r} is not a timm model name. Similar names: {close or 'none'}.")
+        raise ValueError(f"`encoder_name`={name!r} is not a timm model name. Similar names: {close or 'none'}.")
+    if config.num_channels != 3:
+        raise ValueError(f"`num_channels` must be 3 (RGB), got {config.num_channels}.")
+    for field in ("image_mean", "image_std"):
+        if len(getattr(config, field)) != 3:
+            raise ValueError(f"`{field}` must hold 3 numbers (R, G, B), got {getattr(config, field)}.")
 
 
 def _check_positive(config: PreTrainedConfig, *fields: str) -> None:
@@ -88,7 +92,8 @@ class SkinLesionSegmenterConfig(PreTrainedConfig):
     encoder_name (`str`, *optional*, defaults to `"efficientnet_b3"`):
         Any timm model that supports `features_only=True` with five reduction stages.
     image_size (`int`, *optional*, defaults to 256):
-        Side of the square input the segmenter is trained and run at.
+        Side of the square input the segmenter is trained and run at; at least the encoder's total stride (timm's
+        `feature_info`; 32 for the trunks we use).
     aspp_channels (`int`, *optional*, defaults to 256):
         Width of every ASPP branch and of its projection.
     aspp_rates (`list[int]`, *optional*, defaults to `[1, 2, 4]`):
@@ -128,27 +133,20 @@ class SkinLesionSegmenterConfig(PreTrainedConfig):
     image_std: list[float] | tuple[float, ...] = tuple(IMAGENET_STD)
 
     def __post_init__(self, **kwargs):
-        self.aspp_rates = list(self.aspp_rates)
-        self.decoder_channels = list(self.decoder_channels)
-        self.image_mean = list(self.image_mean)
-        self.image_std = list(self.image_std)
+        _as_lists(self, "aspp_rates", "decoder_channels", "image_mean", "image_std")
         super().__post_init__(**kwargs)
         self.check()
 
     def check(self) -> None:
-        """Raise a `ValueError` naming the first invalid field."""
-        _check_timm_name("encoder_name", self.encoder_name)
+        """Raise a `ValueError` naming the first invalid field (run once, when the config is built)."""
+        _check_encoder(self)
         _check_positive(self, "image_size", "aspp_channels", "aspp_rates", "decoder_channels", "attention_reduction")
-        if self.image_size < 32:
-            raise ValueError(f"`image_size` must be at least 32 (the encoder's total stride), got {self.image_size}.")
         if len(self.aspp_rates) != 3:
             raise ValueError(f"`aspp_rates` must hold three dilation rates, got {self.aspp_rates}.")
         if len(self.decoder_channels) != 5:
             raise ValueError(f"`decoder_channels` must hold five widths, got {self.decoder_channels}.")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"`mask_threshold` must lie in (0, 1), got {self.mask_threshold}.")
-        if self.num_channels != 3:
-            raise ValueError(f"`num_channels` must be 3 (RGB), got {self.num_channels}.")
 
 
 @strict
@@ -162,7 +160,8 @@ class SkinDualNetConfig(PreTrainedConfig):
     encoder_name (`str`, *optional*, defaults to `"densenet201"`):
         timm model used for both branches.
     image_size (`int`, *optional*, defaults to 224):
-        Side of the square classifier input.
+        Side of the square classifier input; at least the encoder's total stride (timm's `feature_info`). The
+        position embeddings hold one entry per cell of the encoder's last feature map at this size.
     share_encoders (`bool`, *optional*, defaults to `False`):
         Use one encoder (shared weights) for both branches.
     use_lesion_branch (`bool`, *optional*, defaults to `True`):
@@ -174,6 +173,9 @@ class SkinDualNetConfig(PreTrainedConfig):
         transformer uses the same width so its [CLS] token joins the image tokens directly.
     metadata_layers, metadata_heads:
         Depth and heads of the metadata transformer.
+    metadata_ffn_ratio, metadata_dropout (`float`, *optional*):
+        Feed-forward expansion and dropout of the metadata transformer; `None` (the default, and what configs
+        saved before these fields existed read as) uses `fusion_ffn_ratio` / `fusion_dropout`.
     metadata_field_dropout (`float`, *optional*, defaults to 0.1):
         While training, each metadata field is hidden (set to unknown) with this probability, so the model learns
         to predict from any subset of fields.
@@ -209,7 +211,8 @@ class SkinDualNetConfig(PreTrainedConfig):
         The returned logits are divided by it: a temperature fitted on the validation split (temperature scaling)
         makes every entry point return calibrated probabilities. 1.0 = not calibrated.
     gradcam_target_layer (`str`, *optional*):
-        Layer, relative to each timm trunk, that Grad-CAM hooks; `None` picks a default for the trunk family.
+        Layer, relative to each timm trunk, that Grad-CAM hooks; `None` hooks the module named by the last entry of
+        the trunk's timm `feature_info`.
     segmenter_config (`dict` or [`SkinLesionSegmenterConfig`], *optional*):
         Configuration of the nested segmenter.
     """
@@ -230,6 +233,8 @@ class SkinDualNetConfig(PreTrainedConfig):
     fusion_dropout: float | int = 0.1
     metadata_layers: int = 2
     metadata_heads: int = 4
+    metadata_ffn_ratio: float | int | None = None
+    metadata_dropout: float | int | None = None
     metadata_field_dropout: float | int = 0.1
     lesion_mode: str = "mask_crop"
     lesion_margin: float | int = 0.1
@@ -262,14 +267,13 @@ class SkinDualNetConfig(PreTrainedConfig):
         self.site_vocab = list(self.site_vocab) if self.site_vocab is not None else list(SITE_VOCAB)
         self.sex_synonyms = dict(self.sex_synonyms) if self.sex_synonyms is not None else dict(SEX_SYNONYMS)
         self.site_synonyms = dict(self.site_synonyms) if self.site_synonyms is not None else dict(SITE_SYNONYMS)
-        self.image_mean = list(self.image_mean)
-        self.image_std = list(self.image_std)
+        _as_lists(self, "image_mean", "image_std")
         super().__post_init__(**kwargs)
         self.check()
 
     def check(self) -> None:
-        """Raise a `ValueError` naming the first invalid field."""
-        _check_timm_name("encoder_name", self.encoder_name)
+        """Raise a `ValueError` naming the first invalid field (run once, when the config is built)."""
+        _check_encoder(self)
         _check_positive(
             self,
             "image_size",
@@ -282,8 +286,8 @@ class SkinDualNetConfig(PreTrainedConfig):
             "classifier_hidden_size",
             "age_std",
         )
-        if self.image_size < 32:
-            raise ValueError(f"`image_size` must be at least 32 (the encoder's total stride), got {self.image_size}.")
+        if self.metadata_ffn_ratio is not None:
+            _check_positive(self, "metadata_ffn_ratio")
         for heads in ("fusion_heads", "metadata_heads"):
             if self.fusion_dim % getattr(self, heads) != 0:
                 raise ValueError(
@@ -313,14 +317,14 @@ class SkinDualNetConfig(PreTrainedConfig):
                 raise ValueError(f"`{vocab}` must start with the 'unknown' token, got {getattr(self, vocab)}.")
         if self.lesion_mode not in LESION_MODES:
             raise ValueError(f"`lesion_mode` must be one of {LESION_MODES}, got {self.lesion_mode!r}.")
-        if not 0.0 <= self.metadata_field_dropout < 1.0:
-            raise ValueError(f"`metadata_field_dropout` must lie in [0, 1), got {self.metadata_field_dropout}.")
+        for field in ("fusion_dropout", "metadata_dropout", "metadata_field_dropout", "classifier_dropout"):
+            value = getattr(self, field)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"`{field}` must lie in [0, 1), got {value}.")
         if not 0.0 <= self.min_lesion_fraction < 1.0:
             raise ValueError(f"`min_lesion_fraction` must lie in [0, 1), got {self.min_lesion_fraction}.")
         if self.lesion_margin < 0:
             raise ValueError(f"`lesion_margin` must be non-negative, got {self.lesion_margin}.")
-        if self.num_channels != 3:
-            raise ValueError(f"`num_channels` must be 3 (RGB), got {self.num_channels}.")
 
     def label_to_id(self, label: str | int) -> int:
         """Class index of a label name (or a checked index); a `ValueError` lists the valid labels."""
@@ -333,14 +337,10 @@ class SkinDualNetConfig(PreTrainedConfig):
         return int(self.label2id[label])
 
     def gradcam_layer(self) -> str | None:
-        """The Grad-CAM layer inside each trunk: the configured one, or the default for the trunk family
-        (`None`: the model falls back to the last entry of the trunk's timm `feature_info`)."""
-        if self.gradcam_target_layer:
-            return self.gradcam_target_layer
-        for prefix, layer in sorted(GRADCAM_LAYERS.items(), key=lambda kv: -len(kv[0])):
-            if self.encoder_name.startswith(prefix):
-                return layer
-        return None
+        """The configured Grad-CAM layer inside each trunk; `None`: the explainer hooks the module that the last
+        entry of the trunk's timm `feature_info` names (`layer4` for a ResNet, `features.norm5` for a DenseNet,
+        `blocks.6` for an EfficientNet)."""
+        return self.gradcam_target_layer or None
 
 
 __all__ = ["SkinLesionSegmenterConfig", "SkinDualNetConfig"]
