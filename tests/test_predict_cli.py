@@ -134,17 +134,16 @@ def test_interrupted_run_keeps_the_rows_it_wrote(model_folder, tmp_path):
         shutil.copy(sources[index % 2], folder / f"copy{index:02d}.jpg")
     out = tmp_path / "out"
     process = predict(folder, "--model", model_folder, "--out", out, "--batch-size", "1", popen=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            if (out / "summary.csv").is_file() and len(read_summary(out)) >= 1:
-                break
-            time.sleep(0.005)
-        assert process.poll() is None, "the run ended before a row was seen while it was going"
-        seen = read_summary(out)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
+    seen: list[dict[str, str]] = []
+    deadline = time.monotonic() + 300
+    while not seen and time.monotonic() < deadline and process.poll() is None:
+        if (out / "summary.csv").is_file():
+            seen = read_summary(out)
+        time.sleep(0.005)
+    running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert seen and running, f"no row was seen while the run was going: {stderr.decode()[-2000:]}"
     rows = read_summary(out)
     assert 1 <= len(seen) <= len(rows) < 24
     for row in rows:
