@@ -190,6 +190,25 @@ def test_isic2019_layout_with_downsampled_names(data_root: Path, tmp_path: Path)
     assert len(load_isic2019(edited)) == 0
     assert column_values(load_isic2019(edited, keep_unknown=True), "label") == [-1]
 
+    # Under HAM10000's names: the HAM10000 images get their `dx`, an SCC image (HAM10000 has none) no label.
+    ham_dx = pd.read_csv(data_root / "ham10000" / "HAM10000_metadata.csv").set_index("image_id")["dx"]
+    for image_id in ham_dx.index[:3]:
+        _link(data_root / "ham10000" / "images" / f"{image_id}.jpg", folder / f"{image_id}.jpg")
+    as_ham = load_isic2019(tmp_path, labels="ham10000")
+    assert as_ham.features["label"].names == HAM10000_LABELS
+    pairs = zip(column_values(as_ham, "image_id"), column_values(as_ham, "label"))
+    in_ham = [(image_id, label) for image_id, label in pairs if image_id in ham_dx]
+    assert len(in_ham) == 3 and all(HAM10000_LABELS[label] == ham_dx[image_id] for image_id, label in in_ham)
+    scc = truth.head(1).copy()
+    scc[ISIC2019_LABELS] = 0.0
+    scc["SCC"] = 1.0
+    scc["image"] = "ISIC_9999999"
+    pd.concat([truth, scc]).to_csv(edited / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    assert column_values(load_isic2019(edited), "label") == [ISIC2019_LABELS.index("SCC")]
+    assert column_values(load_isic2019(edited, labels="ham10000"), "label") == [-1]
+    with pytest.raises(ValueError, match="no lesion masks"):
+        load_isic2019(edited, masks=True)
+
 
 def _clinic(data_root: Path, tmp_path: Path, n: int = 9) -> tuple[Path, Path, pd.DataFrame]:
     rows = pd.concat([_ham_rows(data_root, 3, dx=dx) for dx in ("mel", "nv", "bcc")]).reset_index(drop=True)[:n]

@@ -18,9 +18,10 @@ Where each layout comes from (folder and file names as the official archives unp
   `ISIC_2019_Training_GroundTruth.csv`, `ISIC_2019_Training_Metadata.csv`.
 
 Archives that unpack one folder inside another of the same name are read too: folders are found anywhere under
-`root`. Mask suffixes are matched without regard to case.
+`root`. In the ISIC Task 1 folders the mask suffix is matched without regard to case (2016 spells it `_Segmentation`).
 """
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from .schema import (
     isic2019_class_index,
 )
 
+logger = logging.getLogger(__name__)
 ISIC2017_IMAGES = re.compile(r"^ISIC-2017_(Training|Validation|Test_v2)_Data$")
 ISIC2017_MASKS = re.compile(r"^ISIC-2017_(Training|Validation|Test_v2)_Part1_GroundTruth$")
 ISIC2017_METADATA = re.compile(r"^ISIC-2017_(Training|Validation|Test_v2)_Data_metadata\.csv$")
@@ -377,13 +379,14 @@ def load_isic2019(
     Names with the `_downsampled` suffix (images the challenge re-saved smaller) are matched with or without the
     suffix on either side. UNK rows are dropped unless `keep_unknown` (then `label` is -1). `group_id` is the
     `lesion_id`, or the image id without the suffix when the lesion id is missing. Rows whose image is absent
-    follow `on_missing` (the warning names them). ISIC 2019 has no masks (`masks=True` is refused) and only its own
-    label set (`labels="isic2019"`); both keywords exist so every loader takes them.
+    follow `on_missing` (the warning names them). ISIC 2019 has no masks (`masks=True` is refused).
+    `labels="ham10000"` names the classes as HAM10000 `dx` codes (MEL → mel, AK → akiec, ...); SCC, which HAM10000
+    lacks, then has label -1 (the count is logged).
     """
     root = _check_loader_arguments(root, masks, on_missing)
     if masks is True:
         raise ValueError("ISIC 2019 has no lesion masks; load it with `masks=False` (or 'optional').")
-    check_label_set(labels, ("isic2019",))
+    names = check_label_set(labels)
     truth_csv = root / "ISIC_2019_Training_GroundTruth.csv"
     meta_csv = root / "ISIC_2019_Training_Metadata.csv"
     for path in (truth_csv, meta_csv):
@@ -404,7 +407,7 @@ def load_isic2019(
     for stem, path in _index_files(images_dir).items():
         files.setdefault(_canonical_isic_id(stem), path)
     one_hot = truth[ISIC2019_LABELS].to_numpy(dtype=np.float32)
-    rows, missing = _empty_rows(), []
+    rows, missing, unmapped = _empty_rows(), [], 0
     for name, scores in zip(truth["image"].astype(str), one_hot):
         canonical = _canonical_isic_id(name.strip())
         if scores.max() <= 0 and not keep_unknown:
@@ -414,17 +417,21 @@ def load_isic2019(
             missing.append(name)
             continue
         record = meta_by_id.get(canonical, {})
+        label = isic2019_class_index(ISIC2019_LABELS[int(scores.argmax())] if scores.max() > 0 else None, labels)
+        unmapped += int(label == -1 and scores.max() > 0)
         _add_row(
             rows,
             path,
             None,
             name.strip(),
             "isic2019",
-            label=int(scores.argmax()) if scores.max() > 0 else -1,
+            label=label,
             age=record.get("age_approx"),
             sex=record.get("sex"),
             site=record.get("anatom_site_general"),
             group_id=_clean_string(record.get("lesion_id")) or canonical,
         )
     _report_missing(missing, "images listed in the ground truth", "ISIC 2019", on_missing)
-    return _build(rows, ISIC2019_LABELS)
+    if unmapped:
+        logger.info("ISIC 2019: %d SCC images have no HAM10000 class; their label is -1.", unmapped)
+    return _build(rows, names)

@@ -80,11 +80,11 @@ def check_label_set(labels: str, allowed: Sequence[str] = tuple(LABEL_SETS)) -> 
 
 def isic2019_class_index(name: str | None, labels: str) -> int:
     """Index of the ISIC 2019 class `name` (e.g. "MEL") in the label set `labels` ("isic2019" or "ham10000");
-    -1 for None."""
+    -1 for None, and for SCC under "ham10000" (HAM10000 has no such class)."""
     if name is None:
         return -1
     if labels == "ham10000":
-        return HAM10000_LABELS.index(ISIC2019_TO_HAM10000[name])
+        return HAM10000_LABELS.index(ISIC2019_TO_HAM10000[name]) if name in ISIC2019_TO_HAM10000 else -1
     return ISIC2019_LABELS.index(name)
 
 
