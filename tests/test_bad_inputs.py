@@ -1,26 +1,20 @@
 """Every bad input gets a clear ValueError naming the argument (STYLE.md section 4)."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoConfig
+from conftest import tiny_classifier, tiny_segmenter
 
 import modeling_skinlesion as sl
-
-PRESETS = Path(__file__).resolve().parents[1] / "configuration"
 
 
 @pytest.fixture(scope="module")
 def classifier():
-    torch.manual_seed(0)
-    return sl.SkinDualNet(AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json")).eval()
+    return tiny_classifier()
 
 
 @pytest.fixture(scope="module")
 def segmenter():
-    torch.manual_seed(0)
-    return sl.SkinLesionSegmenter(AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json")).eval()
+    return tiny_segmenter()
 
 
 IMAGES = torch.randn(2, 3, 64, 64)
@@ -84,7 +78,9 @@ def test_unknown_label_names():
         (sl.SkinDualNetConfig, {"class_weights": [1.0, 2.0]}, "`class_weights` must hold 7"),
         (sl.SkinDualNetConfig, {"lesion_mode": "blur"}, "lesion_mode"),
         (sl.SkinDualNetConfig, {"site_vocab": ["torso"]}, "must start with the 'unknown' token"),
-        (sl.SkinLesionSegmenterConfig, {"image_size": 16}, "at least 32"),
+        (sl.SkinDualNetConfig, {"metadata_ffn_ratio": -1.0}, "`metadata_ffn_ratio` must be positive"),
+        (sl.SkinDualNetConfig, {"metadata_dropout": 1.0}, r"`metadata_dropout` must lie in \[0, 1\)"),
+        (sl.SkinDualNetConfig, {"image_std": [0.5, 0.5]}, "`image_std` must hold 3 numbers"),
         (
             sl.SkinLesionSegmenterConfig,
             {"decoder_channels": [64, 32, -1, 8, 4]},
@@ -102,6 +98,12 @@ def test_invalid_config_values(config_class, kwargs, match):
 def test_nested_segmenter_config_is_checked():
     with pytest.raises(ValueError, match="not a timm model name"):
         sl.SkinDualNetConfig(segmenter_config={"encoder_name": "unet9000"})
+
+
+def test_image_size_below_the_trunks_stride():
+    # The limit is the trunk's total stride as timm's `feature_info` states it, checked where the trunk exists.
+    with pytest.raises(ValueError, match=r"`image_size` must be at least 32 \(the encoder's total stride"):
+        tiny_classifier(image_size=16)
 
 
 def test_segmenter_with_too_few_stages():

@@ -1,29 +1,25 @@
-"""Checks every skin-dualnet model must pass, on the tiny presets (CPU, 64 px, batch 2)."""
+"""Checks every skin-dualnet model must pass, on the tiny presets (CPU, 64 px, batch 2).
+
+`ModelTesterMixin` holds what every path through a model must do (shapes, determinism, save/load, offload, remote
+code); `TrainingTesterMixin` what every model must do once (loss and backward, initialisation, checkpointing, output
+options). The classifier's predicted-mask path takes the first only: the training checks do not depend on where the
+mask came from.
+"""
 
 import json
-from pathlib import Path
+import math
 
 import pytest
 import timm
 import torch
+from conftest import PRESETS, tiny_classifier, tiny_segmenter
 from isolation import run_isolated
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
 import modeling_skinlesion as sl
+from modeling_skinlesion.segmentation_skinlesion import segmentation_loss
 
-PRESETS = Path(__file__).resolve().parents[1] / "configuration"
 BATCH = 2
-
-
-def tiny_classifier_config(**overrides) -> sl.SkinDualNetConfig:
-    config = AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json")
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
-
-
-def tiny_segmenter_config() -> sl.SkinLesionSegmenterConfig:
-    return AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json")
 
 
 def lesion_like_mask(size: int, batch: int = BATCH) -> torch.Tensor:
@@ -34,12 +30,13 @@ def lesion_like_mask(size: int, batch: int = BATCH) -> torch.Tensor:
 
 
 class ModelTesterMixin:
-    """Shared checks (transformers / diffusers style). Subclasses provide the model and its inputs."""
+    """Shared checks of one path through a model (transformers / diffusers style). Subclasses provide the model
+    (`build`: a seeded tiny model in eval mode, from `conftest`) and its inputs."""
 
     model_class: type
     auto_class: type
 
-    def make_config(self):
+    def build(self):
         raise NotImplementedError
 
     def make_inputs(self, config, with_labels: bool = False) -> dict:
@@ -49,9 +46,8 @@ class ModelTesterMixin:
         raise NotImplementedError
 
     def make_model(self):
-        torch.manual_seed(0)
-        config = self.make_config()
-        return self.model_class(config), config
+        model = self.build()
+        return model, model.config
 
     def test_output_shapes(self):
         model, config = self.make_model()
@@ -60,6 +56,75 @@ class ModelTesterMixin:
             outputs = model(**self.make_inputs(config))
         self.check_output_shapes(config, outputs)
         assert torch.isfinite(outputs.logits).all()
+
+    def test_eval_is_deterministic(self):
+        model, config = self.make_model()
+        model.eval()
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            first, second = model(**inputs).logits, model(**inputs).logits
+        assert torch.equal(first, second)
+
+    def test_save_load_roundtrip_is_exact(self, tmp_path):
+        model, config = self.make_model()
+        model.eval()
+        model.save_pretrained(tmp_path)
+        files = {p.name for p in tmp_path.iterdir()}
+        assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+        reloaded = self.auto_class.from_pretrained(tmp_path).eval()
+        assert type(reloaded) is self.model_class
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+        generic = AutoModel.from_pretrained(tmp_path).eval()
+        assert type(generic) is self.model_class
+
+    def test_device_map_auto_with_cpu_and_disk_offload_gives_the_same_logits(self, tmp_path):
+        model, config = self.make_model()
+        model.eval().save_pretrained(tmp_path / "model")
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        offloaded = self.auto_class.from_pretrained(
+            tmp_path / "model", device_map="auto", max_memory={"cpu": size // 3}, offload_folder=tmp_path / "offload"
+        ).eval()
+        assert "disk" in set(offloaded.hf_device_map.values()), offloaded.hf_device_map
+        inputs = self.make_inputs(config)
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+
+    @pytest.mark.slow
+    def test_remote_code_load_without_package(self, tmp_path):
+        model, config = self.make_model()
+        model.eval()
+        folder = tmp_path / "model"
+        model.save_pretrained(folder)
+        saved = json.loads((folder / "config.json").read_text())
+        assert {"AutoConfig", "AutoModel"} <= set(saved["auto_map"])
+        # The class's own module and every sibling it imports are copied flat beside the weights.
+        module = saved["auto_map"]["AutoModel"].split(".")[0]
+        for name in ("configuration_skinlesion", "pretrained_skinlesion", module):
+            assert (folder / f"{name}.py").is_file(), name
+        inputs = self.make_inputs(config)
+        torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
+        with torch.no_grad():
+            torch.save(model(**inputs).logits, tmp_path / "expected.pt")
+        run_isolated(
+            f"""
+            import torch
+            from transformers import AutoModel
+            model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+            assert "transformers_modules" in type(model).__module__, type(model).__module__
+            inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=0, atol=0)
+            print("remote ok")
+            """,
+            cwd=tmp_path / "run",
+        )
+
+
+class TrainingTesterMixin:
+    """Shared checks every model passes once: training, initialisation and output options."""
 
     def test_loss_and_backward_reach_every_trainable_parameter(self):
         model, config = self.make_model()
@@ -73,14 +138,6 @@ class ModelTesterMixin:
         assert not missing, f"no gradient reached: {missing[:10]}"
         silent = sorted(n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.grad).all())
         assert not silent, f"non-finite gradients: {silent[:10]}"
-
-    def test_eval_is_deterministic(self):
-        model, config = self.make_model()
-        model.eval()
-        inputs = self.make_inputs(config)
-        with torch.no_grad():
-            first, second = model(**inputs).logits, model(**inputs).logits
-        assert torch.equal(first, second)
 
     def test_fresh_model_has_live_features(self):
         # post_init's default init would re-draw the timm trunk from N(0, 0.02) and its output would collapse.
@@ -105,20 +162,6 @@ class ModelTesterMixin:
                         assert 0.67 < ratio < 1.5, f"{name}.{module_name} re-initialised (std ratio {ratio:.2f})"
                         compared += 1
                 assert compared >= 3, f"only {compared} convs of {name} could be compared"
-
-    def test_save_load_roundtrip_is_exact(self, tmp_path):
-        model, config = self.make_model()
-        model.eval()
-        model.save_pretrained(tmp_path)
-        files = {p.name for p in tmp_path.iterdir()}
-        assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
-        reloaded = self.auto_class.from_pretrained(tmp_path).eval()
-        assert type(reloaded) is self.model_class
-        inputs = self.make_inputs(config)
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
-        generic = AutoModel.from_pretrained(tmp_path).eval()
-        assert type(generic) is self.model_class
 
     def test_checkpoint_missing_a_trunk_loads_initialised_weights(self, tmp_path):
         """A checkpoint without one trunk's weights: the missing keys are reported and get timm's initialisation (not
@@ -177,18 +220,6 @@ class ModelTesterMixin:
         assert overridden.attentions is None
         assert not any(name.endswith("hidden_states") for name, value in overridden.items() if value is not None)
 
-    def test_device_map_auto_with_cpu_and_disk_offload_gives_the_same_logits(self, tmp_path):
-        model, config = self.make_model()
-        model.eval().save_pretrained(tmp_path / "model")
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        offloaded = self.auto_class.from_pretrained(
-            tmp_path / "model", device_map="auto", max_memory={"cpu": size // 3}, offload_folder=tmp_path / "offload"
-        ).eval()
-        assert "disk" in set(offloaded.hf_device_map.values()), offloaded.hf_device_map
-        inputs = self.make_inputs(config)
-        with torch.no_grad():
-            torch.testing.assert_close(offloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
-
     def test_gradient_checkpointing_gives_the_same_gradients(self):
         model, config = self.make_model()
         model.train()
@@ -201,49 +232,20 @@ class ModelTesterMixin:
             return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
         plain = gradients()
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         assert all(trunk.grad_checkpointing for _, trunk in self.trunks(model) if hasattr(trunk, "grad_checkpointing"))
         checkpointed = gradients()
         assert plain.keys() == checkpointed.keys() and plain
         for name in plain:
             torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
-    @pytest.mark.slow
-    def test_remote_code_load_without_package(self, tmp_path):
-        model, config = self.make_model()
-        model.eval()
-        folder = tmp_path / "model"
-        model.save_pretrained(folder)
-        saved = json.loads((folder / "config.json").read_text())
-        assert {"AutoConfig", "AutoModel"} <= set(saved["auto_map"])
-        for name in ("configuration_skinlesion.py", "modeling_skinlesion.py"):
-            assert (folder / name).is_file()
-        inputs = self.make_inputs(config)
-        torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
-        with torch.no_grad():
-            torch.save(model(**inputs).logits, tmp_path / "expected.pt")
-        run_isolated(
-            f"""
-            import torch
-            from transformers import AutoModel
-            model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-            assert "transformers_modules" in type(model).__module__, type(model).__module__
-            inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-            with torch.no_grad():
-                logits = model(**inputs).logits
-            torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), rtol=0, atol=0)
-            print("remote ok")
-            """,
-            cwd=tmp_path / "run",
-        )
 
-
-class TestSegmenter(ModelTesterMixin):
+class TestSegmenter(ModelTesterMixin, TrainingTesterMixin):
     model_class = sl.SkinLesionSegmenter
     auto_class = AutoModelForSemanticSegmentation
 
-    def make_config(self):
-        return tiny_segmenter_config()
+    def build(self):
+        return tiny_segmenter()
 
     def make_inputs(self, config, with_labels=False):
         torch.manual_seed(1)
@@ -264,7 +266,7 @@ class TestSegmenter(ModelTesterMixin):
         assert len(outputs.attentions) == 4
         sizes = [a.shape[-1] for a in outputs.attentions]
         assert sizes == [config.image_size // s for s in (16, 8, 4, 2)]
-        assert all(((a >= 0) & (a <= 1)).all() for a in outputs.attentions)
+        assert all(a.shape[:2] == (BATCH, 1) for a in outputs.attentions)  # one spatial gate per pixel
 
     def test_non_square_and_non_multiple_of_32_inputs(self):
         model, _ = self.make_model()
@@ -272,19 +274,34 @@ class TestSegmenter(ModelTesterMixin):
             logits = model.eval()(pixel_values=torch.randn(1, 3, 50, 75)).logits
         assert logits.shape == (1, 1, 50, 75)
 
-    def test_dice_part_of_loss_rewards_overlap(self):
-        mask = lesion_like_mask(32)
-        perfect = sl.modeling_skinlesion.segmentation_loss(mask * 40 - 20, mask, 0.0, 1.0)
-        inverted = sl.modeling_skinlesion.segmentation_loss(20 - mask * 40, mask, 0.0, 1.0)
-        assert perfect < 0.01 and inverted > 0.99
+    def test_loss_is_bce_plus_soft_dice(self):
+        # Logits 0 give probability 1/2 everywhere: BCE = ln 2 whatever the mask, and the soft Dice (smoothed by 1)
+        # of a 4 x 4 mask with 6 lesion pixels is (2 * 3 + 1) / (8 + 6 + 1) = 7 / 15.
+        mask = torch.zeros(1, 1, 4, 4)
+        mask[0, 0, 1:3, 1:4] = 1
+        zeros = torch.zeros_like(mask)
+        torch.testing.assert_close(segmentation_loss(zeros, mask, 1.0, 0.0), torch.tensor(math.log(2)))
+        torch.testing.assert_close(segmentation_loss(zeros, mask, 0.0, 1.0), torch.tensor(1 - 7 / 15))
+        torch.testing.assert_close(segmentation_loss(zeros, mask, 0.5, 2.0), torch.tensor(0.5 * math.log(2) + 16 / 15))
+        # Confident and right: both terms vanish. Confident and inverted: the prediction is the 10 background pixels,
+        # so the soft Dice is only the smoothing, 1 / (10 + 6 + 1).
+        assert segmentation_loss(mask * 40 - 20, mask, 1.0, 1.0) < 1e-6
+        torch.testing.assert_close(
+            segmentation_loss(20 - mask * 40, mask, 0.0, 1.0), torch.tensor(16 / 17), atol=1e-6, rtol=0
+        )
+
+    def test_image_size_below_the_encoders_stride_is_refused(self):
+        config = AutoConfig.from_pretrained(PRESETS / "segmenter-tiny.json", image_size=16)
+        with pytest.raises(ValueError, match=r"`image_size` must be at least 32 \(the encoder's total stride"):
+            sl.SkinLesionSegmenter(config)
 
 
-class TestClassifier(ModelTesterMixin):
+class TestClassifier(ModelTesterMixin, TrainingTesterMixin):
     model_class = sl.SkinDualNet
     auto_class = AutoModelForImageClassification
 
-    def make_config(self):
-        return tiny_classifier_config()
+    def build(self):
+        return tiny_classifier()
 
     def make_inputs(self, config, with_labels=False):
         torch.manual_seed(1)
@@ -421,9 +438,8 @@ class TestClassifier(ModelTesterMixin):
         [{"use_lesion_branch": False}, {"use_metadata": False}, {"share_encoders": True}, {"lesion_mode": "mask"}],
     )
     def test_variants(self, overrides, tmp_path):
-        torch.manual_seed(0)
-        config = tiny_classifier_config(**overrides)
-        model = sl.SkinDualNet(config)
+        model = tiny_classifier(**overrides).train()
+        config = model.config
         outputs = model(**self.make_inputs(config, with_labels=True))
         outputs.loss.backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -439,6 +455,21 @@ class TestClassifier(ModelTesterMixin):
         if overrides.get("share_encoders"):
             assert model.lesion_branch is model.image_encoder
 
+    def test_metadata_transformer_has_its_own_feed_forward_ratio_and_dropout(self, tmp_path):
+        # The tiny preset predates the fields: `None`, so the metadata layers are sized like the fusion's, as before.
+        model = tiny_classifier()
+        assert model.config.metadata_ffn_ratio is None and model.config.metadata_dropout is None
+        layer = model.metadata_encoder.layers[0]
+        assert layer.linear1.out_features == 32 * 2 and layer.dropout.p == layer.self_attn.dropout == 0.1
+        custom = tiny_classifier(metadata_ffn_ratio=4, metadata_dropout=0.0)
+        layer = custom.metadata_encoder.layers[0]
+        assert layer.linear1.out_features == 32 * 4 and layer.dropout.p == layer.self_attn.dropout == 0.0
+        fusion_layer = custom.fusion.lesion_to_image[0]
+        assert fusion_layer.mlp[0].out_features == 32 * 2 and fusion_layer.dropout.p == 0.1  # the fusion keeps its own
+        custom.config.save_pretrained(tmp_path)
+        reloaded = AutoConfig.from_pretrained(tmp_path)
+        assert (reloaded.metadata_ffn_ratio, reloaded.metadata_dropout) == (4, 0.0)
+
     def test_class_weights_and_label_smoothing_change_the_loss(self):
         model, config = self.make_model()
         model.eval()
@@ -452,29 +483,39 @@ class TestClassifier(ModelTesterMixin):
         assert not torch.isclose(base, weighted) and not torch.isclose(weighted, unsmoothed)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["segmenter.json", "skin-dualnet.json"])
-def test_paper_sized_presets_run_a_forward_pass(preset):
+def test_paper_sized_presets_fit_together(preset):
+    """The paper's architecture (DenseNet-201 branches, EfficientNet-B3 segmenter) composes at its input sizes: every
+    layer's shapes are propagated on the meta device, which checks them without computing (or allocating) a value."""
     config = AutoConfig.from_pretrained(PRESETS / preset)
-    model = AutoModel.from_config(config).eval()
-    pixel_values = torch.randn(1, 3, config.image_size, config.image_size)
-    with torch.inference_mode():
-        outputs = model(pixel_values=pixel_values)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config).eval()
+        pixel_values = torch.empty(2, 3, config.image_size, config.image_size)
+        inputs = {"pixel_values": pixel_values}
+        if isinstance(config, sl.SkinDualNetConfig):
+            inputs["lesion_mask"] = torch.empty(2, 1, config.image_size, config.image_size)
+            segmenter_size = config.segmenter_config.image_size
+            segmenter_logits = model.segmenter(pixel_values=torch.empty(2, 3, segmenter_size, segmenter_size)).logits
+            assert segmenter_logits.shape == (2, 1, 256, 256)
+        outputs = model(**inputs, output_hidden_states=True)
     if isinstance(config, sl.SkinDualNetConfig):
         assert config.encoder_name == "densenet201" and config.segmenter_config.encoder_name == "efficientnet_b3"
-        assert outputs.logits.shape == (1, 7)
+        assert outputs.logits.shape == (2, 7)
+        # 224 px through a stride-32 trunk: 7 x 7 tokens per branch, and DenseNet-201's 1920 channels before them.
+        assert outputs.image_hidden_states[-1].shape == (2, 1920, 7, 7)
+        assert outputs.fusion_hidden_states[-1].shape == (2, 49, config.fusion_dim)
     else:
-        assert config.encoder_name == "efficientnet_b3" and outputs.logits.shape == (1, 1, 256, 256)
+        assert config.encoder_name == "efficientnet_b3" and outputs.logits.shape == (2, 1, 256, 256)
 
 
 class TestClassifierPredictedMask(ModelTesterMixin):
-    """The shared checks again on the classifier's other path: no mask given, the nested segmenter predicts it."""
+    """The per-path checks again on the classifier's other path: no mask given, the nested segmenter predicts it
+    (cleaned on the CPU, offloaded with the rest, shipped in the remote code)."""
 
     model_class = sl.SkinDualNet
     auto_class = AutoModelForImageClassification
-    make_config = TestClassifier.make_config
+    build = TestClassifier.build
     check_output_shapes = TestClassifier.check_output_shapes
-    trunks = TestClassifier.trunks
 
     def make_inputs(self, config, with_labels=False):
         inputs = TestClassifier.make_inputs(self, config, with_labels)

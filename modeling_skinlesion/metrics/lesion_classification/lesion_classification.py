@@ -10,6 +10,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from modeling_skinlesion.metrics import ISIC_CITATION, ISIC_SCORER_URL
+
 _DESCRIPTION = """
 Scores a multiclass classifier from its probability vectors:
 
@@ -61,14 +63,9 @@ Examples:
     (0.6666666666666666, 0.75, 1.0)
 """
 
-_CITATION = """
-@article{codella2019skin,
-  title={Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the International Skin Imaging
-         Collaboration (ISIC)},
-  author={Codella, Noel and Rotemberg, Veronica and Tschandl, Philipp and others},
-  journal={arXiv preprint arXiv:1902.03368},
-  year={2019}
-}
+_CITATION = (
+    ISIC_CITATION
+    + """
 @inproceedings{guo2017calibration,
   title={On Calibration of Modern Neural Networks},
   author={Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
@@ -76,6 +73,7 @@ _CITATION = """
   year={2017}
 }
 """
+)
 
 ECE_BINS = 15
 UNDECIDED = -1
@@ -167,7 +165,7 @@ class LesionClassification(evaluate.Metric):
             features=datasets.Features(
                 {"predictions": datasets.List(datasets.Value("float64")), "references": datasets.Value("int64")}
             ),
-            reference_urls=["https://github.com/ImageMarkup/isic-challenge-scoring"],
+            reference_urls=[ISIC_SCORER_URL],
         )
 
     def _compute(

@@ -11,6 +11,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from modeling_skinlesion.metrics import ISIC_CITATION, ISIC_SCORER_URL
+
 _DESCRIPTION = """
 Per-image binary lesion-mask scores, macro-averaged over images, exactly as the ISIC challenge scored Task 1
 (lesion boundary segmentation):
@@ -49,16 +51,6 @@ Examples:
     >>> prediction = np.zeros((4, 4), dtype=bool); prediction[1:3, 1:4] = True
     >>> metric.compute(predictions=[prediction], references=[reference])["dice"]
     0.8
-"""
-
-_CITATION = """
-@article{codella2019skin,
-  title={Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the International Skin Imaging
-         Collaboration (ISIC)},
-  author={Codella, Noel and Rotemberg, Veronica and Tschandl, Philipp and others},
-  journal={arXiv preprint arXiv:1902.03368},
-  year={2019}
-}
 """
 
 # Masks are stored bit-packed behind a small header (height, width as two little-endian uint32), so a cache of
@@ -138,14 +130,14 @@ def image_scores(tp: int, fp: int, fn: int, tn: int, jaccard_threshold: float = 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class LesionSegmentation(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
+        # Each mask arrives bit-packed (see `add_batch`): one binary blob per image, whatever its size.
+        mask = datasets.Value("binary")
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
-            citation=_CITATION,
+            citation=ISIC_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("binary"), "references": datasets.Value("binary")}
-            ),
-            reference_urls=["https://github.com/ImageMarkup/isic-challenge-scoring"],
+            features=datasets.Features({"predictions": mask, "references": mask}),
+            reference_urls=[ISIC_SCORER_URL],
         )
 
     def add_batch(self, *, predictions=None, references=None, **kwargs) -> None:
