@@ -33,6 +33,7 @@ from modeling_skinlesion.data import (
     load_hub,
     load_isic2017,
     load_isic2019,
+    load_source,
     map_columns,
     prepare_for_transform,
     validate_files,
@@ -242,7 +243,10 @@ def test_clinic_layout_with_column_map(data_root: Path, tmp_path: Path):
         "site": "body_site",
         "group_id": "patient",
     }
-    dataset = load_clinic(images, csv, column_map, label_names=["naevus", "melanoma", "carcinoma"])
+    # Through the one dispatch, as the scripts load it: the images folder is the root.
+    dataset = load_source(
+        "clinic", images, csv_path=csv, column_map=column_map, label_names=["naevus", "melanoma", "carcinoma"]
+    )
     assert len(dataset) == 9 and dataset.features["label"].names == ["naevus", "melanoma", "carcinoma"]
     assert column_values(dataset, "label") == [1, 1, 1, 0, 0, 0, 2, 2, 2]
     assert column_values(dataset, "image_id") == rows["image_id"].tolist()
