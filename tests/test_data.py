@@ -185,7 +185,7 @@ def test_isic2019_layout_with_downsampled_names(data_root: Path, tmp_path: Path)
     unknown["image"] = "ISIC_9999999"
     edited = tmp_path / "edited"
     edited.mkdir()
-    pd.concat([truth, unknown]).to_csv(edited / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    unknown.to_csv(edited / "ISIC_2019_Training_GroundTruth.csv", index=False)
     _link(data_root / "isic2019" / "ISIC_2019_Training_Metadata.csv", edited / "ISIC_2019_Training_Metadata.csv")
     _link(jpgs[0], edited / "ISIC_2019_Training_Input" / "ISIC_9999999.jpg")
     assert len(load_isic2019(edited)) == 0
@@ -204,7 +204,7 @@ def test_isic2019_layout_with_downsampled_names(data_root: Path, tmp_path: Path)
     scc[ISIC2019_LABELS] = 0.0
     scc["SCC"] = 1.0
     scc["image"] = "ISIC_9999999"
-    pd.concat([truth, scc]).to_csv(edited / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    scc.to_csv(edited / "ISIC_2019_Training_GroundTruth.csv", index=False)
     assert column_values(load_isic2019(edited), "label") == [ISIC2019_LABELS.index("SCC")]
     assert column_values(load_isic2019(edited, labels="ham10000"), "label") == [-1]
     with pytest.raises(ValueError, match="no lesion masks"):
