@@ -1,5 +1,5 @@
 """File checks: open every image and mask of a dataset and report the missing, unreadable, truncated and non-image
-files by name."""
+files by name; `_decode`, the reader the transforms use (errors name the file)."""
 
 import io
 import logging
