@@ -153,6 +153,17 @@ def test_predict_converts_grayscale_and_transparent_images(app, tiny_model, imag
     check_outputs(app.predict(str(images[kind]), source=tiny_model), image.size, app.get_model(tiny_model).labels)
 
 
+def test_predict_applies_the_exif_rotation_of_an_upload(app, tiny_model, tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag is analysed upright (by the pipeline's reader)."""
+    stored = Image.open(EXAMPLE).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, exif=exif)
+    outputs = app.predict(str(path), source=tiny_model)
+    check_outputs(outputs, (stored.height, stored.width), LABELS)
+
+
 def test_predict_accepts_pil_and_numpy_images(app, tiny_model, images):
     image = Image.open(images["rgb"])
     labels = app.get_model(tiny_model).labels
