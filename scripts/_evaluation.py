@@ -22,7 +22,8 @@ import evaluate
 import numpy as np
 import pandas as pd
 import torch
-from _training import cap, move_to, split_dataset, unwrap_pretrained
+from _checkpoints import unwrap_pretrained
+from _training import cap, move_to, split_dataset
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 from PIL import Image

@@ -201,8 +201,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Save the best epoch's model with its processor, the report and a model card -----------------------------------
-    accelerator.wait_for_everyone()
-    T.load_best(accelerator, run.model, run.checkpoints_dir / "best_model")
     after = next(r for r in state.history if r["epoch"] == state.best_epoch)["validation"]
     logger.info(
         "Validation before -> after fine-tuning: "

@@ -209,8 +209,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Calibration on the validation split: stored in the config, so every entry point is calibrated -----------------
-    accelerator.wait_for_everyone()
-    T.load_best(accelerator, train_model, run.checkpoints_dir / "best_model")
     calibration = None
     if args.calibrate or args.tune_logit_bias:
         E.broadcast_buffers(accelerator, train_model)

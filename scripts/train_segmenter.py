@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Save the best model, its processor, metrics and a model card ---------------------------------------------------
-    accelerator.wait_for_everyone()
-    T.load_best(accelerator, model, run.checkpoints_dir / "best_model")
     metrics = T.run_record(
         accelerator, args, state, timer, task="segmentation", split=split_summary, bad_files=bad_files
     )

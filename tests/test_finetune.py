@@ -107,6 +107,7 @@ def test_finetune_end_to_end_on_a_relabelled_clinic(checkpoint, clinic, tmp_path
         "--label-map", "naevus=nv", "melanoma=mel", "other=akiec,bcc,bkl,df,vasc",
         "--site-map", "left forearm=upper extremity",
         "--output-dir", str(output), "--epochs", "2", "--batch-size", "8", "--val-size", "0.3", "--freeze-encoders",
+        "--checkpointing-steps", "none",  # resuming is tested with the other training scripts
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *argv],
@@ -153,6 +154,9 @@ def test_finetune_end_to_end_on_a_relabelled_clinic(checkpoint, clinic, tmp_path
         base["fusion.lesion_to_image.0.mlp.0.weight"], tuned["fusion.lesion_to_image.0.mlp.0.weight"]
     )
     assert (output / "preprocessor_config.json").is_file()
+    splits = json.loads((output / "splits.json").read_text())
+    assert len(splits["train"]) + len(splits["validation"]) == 60
+    assert not set(splits["train"]) & set(splits["validation"])
 
     # The card: fine-tuned from the checkpoint, trained on HAM10000 before, so non-commercial.
     card = ModelCard.load(output / "README.md")

@@ -271,6 +271,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp
         "--dataset", "ham10000", "--data-root", small_data["ham10000"],
         "--val-size", "0.25", "--epochs", "2", "--batch-size", "2",
         "--checkpointing-steps", "4", "--keep-checkpoints", "2", "--seed", "7",
+        "--max-train-samples", "12", "--max-eval-samples", "4",  # 6 steps an epoch: killed in the second
     ]  # fmt: skip
     reference = tmp_path / "reference"
     run_script("train_segmenter.py", *arguments, "--output-dir", reference)
