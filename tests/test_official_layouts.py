@@ -156,9 +156,14 @@ def test_isic2017_official_layout_with_metadata_and_labels(data_root: Path, tmp_
     assert len(load_isic2017(root)) == len(ids) + len(VALIDATION_2017)
 
 
-def test_isic2017_official_layout_without_metadata_csv(data_root: Path, tmp_path: Path):
+def test_isic2017_official_layout_without_metadata_csv_nested_folder(data_root: Path, tmp_path: Path):
     root = _isic2017_download(tmp_path)
     (root / "ISIC-2017_Training_Data" / "ISIC-2017_Training_Data_metadata.csv").unlink()
+    # Unzipped into a folder named after the archive: ISIC-2017_Training_Data/ISIC-2017_Training_Data/...
+    outer = root / "ISIC-2017_Training_Data"
+    outer.rename(root / "unzipped")
+    outer.mkdir()
+    (root / "unzipped").rename(outer / "ISIC-2017_Training_Data")
     training = load_isic2017(root, split="Training")
     assert len(training) == len(TRAINING_2017) + 1
     assert all(math.isnan(age) for age in column_values(training, "age"))
