@@ -90,14 +90,9 @@ class SkinDualNetFromFeatures(nn.Module):
         self.frozen_stages = frozen_stages
 
     def forward(
-        self,
-        image_features: torch.Tensor,
-        lesion_features: torch.Tensor | None = None,
-        age: torch.Tensor | None = None,
-        sex_ids: torch.Tensor | None = None,
-        site_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        self, image_features: torch.Tensor, lesion_features: torch.Tensor | None = None, **metadata: torch.Tensor
     ):
+        """`metadata`: `age`, `sex_ids`, `site_ids` and `labels`, as `SkinDualNet.classify_tokens` takes them."""
         model = self.model
         image_tokens = model.image_encoder.tokens(
             trainable_features(model.image_encoder.trunk, image_features, self.frozen_stages)
@@ -106,7 +101,7 @@ class SkinDualNetFromFeatures(nn.Module):
         if model.config.use_lesion_branch:
             branch = model.lesion_branch
             lesion_tokens = branch.tokens(trainable_features(branch.trunk, lesion_features, self.frozen_stages))
-        return model.classify_tokens(image_tokens, lesion_tokens, age, sex_ids, site_ids, labels)
+        return model.classify_tokens(image_tokens, lesion_tokens, **metadata)
 
 
 def _flip(features: torch.Tensor, code: int) -> torch.Tensor:
