@@ -1,9 +1,11 @@
 """The training run shared by `train_segmenter.py`, `train_classifier.py` and `finetune.py`, in the order a run
-uses it: the Accelerator and logging, the data (`load_sources` through `modeling_skinlesion.data.load_source`, the
-lesion-grouped split, the file check), the model helpers, checkpoints, `prepare_run` (loaders, AdamW, schedule,
-`accelerator.prepare`, resume) and `train_loop`, the one epoch loop of all three scripts. Each script keeps its
-arguments, model, loss, validation and saving in its own `main()`, readable top to bottom; evaluation helpers are in
-`_evaluation.py`, the command-line options in `_arguments.py`."""
+uses it: the Accelerator with logging and seed (`start_accelerator`), the data (`load_sources` through
+`modeling_skinlesion.data.load_source`, the lesion-grouped split, the file check), the model helpers, `prepare_run`
+(loaders, AdamW, schedule, `accelerator.prepare`, resume) and `train_loop`, the one epoch loop of all three scripts,
+then what a run writes (`run_record` for metrics.json, `save_run` with the model card of
+`modeling_skinlesion.model_card`). Each script keeps its arguments, model, loss and validation in its own `main()`,
+readable top to bottom. Checkpoints are in `_checkpoints.py`, evaluation in `_evaluation.py`, the command-line
+options in `_arguments.py`."""
 
 import json
 import logging
