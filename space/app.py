@@ -68,7 +68,7 @@ DISCLAIMER = (
 )
 CSS = """
 /* The examples table shows every column in full, wrapping long values instead of cutting them; on a phone it
-   shrinks (smaller thumbnails and padding) to fit the screen, and scrolls sideways rather than cut if it still cannot. */
+   shrinks (smaller thumbnails and padding) to fit the screen, and scrolls sideways, rather than cut, if it cannot. */
 #examples .table-wrap { overflow-x: auto; }
 #examples table { width: 100%; }
 #examples td, #examples th { white-space: normal !important; overflow: visible !important;

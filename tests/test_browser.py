@@ -16,9 +16,8 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
-from test_space import EXAMPLE, import_space_app, space_model  # noqa: E402
-
 from conftest import LABELS  # noqa: E402
+from test_space import EXAMPLE, import_space_app, space_model  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 try:
@@ -158,7 +157,9 @@ def test_phone_page_stacks_the_panels_and_cuts_nothing(app_url, browser, tmp_pat
     assert box(page, "#results")["y"] >= box(page, "#inputs")["y"] + box(page, "#inputs")["height"] - 2
     assert overflowing(page, "[data-testid=block-label], label, #examples td, #examples th") == []
     # Every column of the examples table is on the screen (none hidden past the right edge).
-    cells = page.eval_on_selector_all("#examples td, #examples th", "els => els.map(e => e.getBoundingClientRect().right)")
+    cells = page.eval_on_selector_all(
+        "#examples td, #examples th", "els => els.map(e => e.getBoundingClientRect().right)"
+    )
     assert cells and max(cells) <= 420, cells
     page.close()
 

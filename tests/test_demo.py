@@ -13,9 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import LABELS, REPO_ROOT, SCRIPTS, SPACE
+from PIL import Image
 
 DEMO = SCRIPTS / "demo.py"
 SAMPLE = SCRIPTS / "demo_data" / "ham10000-sample"

@@ -15,10 +15,9 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from conftest import LABELS, SPACE
 from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
-
-from conftest import LABELS, SPACE
 
 EXAMPLE = SPACE / "examples" / "ISIC_0000000.jpg"
 OUTPUTS = ("mask_overlay", "lesion_image", "cam_image", "cam_lesion", "probabilities", "focus", "metadata")
@@ -35,7 +34,8 @@ def space_model(folder: Path, saved: Path) -> Path:
     """The shared tiny Hub folder (conftest's `saved_tiny_classifier`) copied, with a model card saying what it was
     trained on, as an export has."""
     shutil.copytree(saved, folder)
-    card = ModelCard(f"---\nlicense: cc-by-nc-4.0\ndatasets:\n- ham10000\n---\n# tiny\n\n## Training data\n\n{TRAINING_DATA}\n")
+    front = "---\nlicense: cc-by-nc-4.0\ndatasets:\n- ham10000\n---\n"
+    card = ModelCard(f"{front}# tiny\n\n## Training data\n\n{TRAINING_DATA}\n")
     card.save(folder / "README.md")
     return folder
 
@@ -410,7 +410,8 @@ def test_server_answers_50_visitors_at_once(server, images):
         clients = list(pool.map(lambda _: Client(server, verbose=False, httpx_kwargs=patient), range(visitors)))
     before = rss_mb()
     start = time.monotonic()
-    jobs = [client.submit(handle_file(str(images["rgb"])), None, None, None, api_name="/predict") for client in clients]
+    upload = str(images["rgb"])
+    jobs = [client.submit(handle_file(upload), None, None, None, api_name="/predict") for client in clients]
     places: dict[int, int] = {}
     while not all(job.done() for job in jobs):
         for i, job in enumerate(jobs):
@@ -425,7 +426,10 @@ def test_server_answers_50_visitors_at_once(server, images):
     for result in results:
         check_remote_outputs(result, LABELS)
     assert len(places) >= visitors // 2 and max(places.values()) >= visitors // 2, places
-    print(f"50 concurrent /predict: all answered in {elapsed:.1f} s; server RSS {before:.0f} MB before, {after:.0f} MB after")
+    print(
+        f"50 concurrent /predict: all answered in {elapsed:.1f} s; "
+        f"server RSS {before:.0f} MB before, {after:.0f} MB after"
+    )
 
 
 @pytest.mark.slow
