@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pandas as pd
     import torch
     from accelerate import PartialState
+    from datasets import Image
 
     from modeling_skinlesion import SkinLesionMetadataProcessor
     from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values
@@ -179,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"{models[reference_name]}/splits.json has no test images; train with --test-size > 0.")
     dataset = T.load_sources(args, "classification", label_set="ham10000")
     split = E.select_ids(dataset, test_ids[reference_name], f"{models[reference_name]}/splits.json")
-    if args.focus_samples and not all(has for has in column_values(split, "has_mask")[: args.focus_samples]):
-        raise ValueError("Lesion focus needs a ground-truth mask for every test image it scores.")
+    masks = split.select(range(min(args.focus_samples, len(split)))).cast_column("mask", Image(decode=False))["mask"]
+    if any(mask is None for mask in masks):
+        raise ValueError("Lesion focus is scored against ground-truth masks: every focus image needs one.")
     group_of = dict(zip(column_values(split, "image_id"), column_values(split, "group_id")))
     logger.info(f"Test split: {len(split)} images of {len(set(group_of.values()))} lesions")
 
