@@ -1,5 +1,6 @@
 """Image, mask and metadata pre-processing; lesion-image construction; mask post-processing."""
 
+import io
 import logging
 import math
 
@@ -7,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_classifier
 from PIL import Image
 
 import modeling_skinlesion as sl
-from modeling_skinlesion.image_processing_skinlesion import clean_mask
+from modeling_skinlesion.image_processing_skinlesion import clean_mask, load_image, metadata_records
 
 SIZE = 64
 
@@ -135,6 +137,61 @@ class TestImageProcessor:
         assert cleaned.sum() == 100 and not cleaned[2, 2]
 
 
+class TestLoadImage:
+    """`load_image`, the one reader of image files (the processor, the pipeline, the Space and the CLI use it)."""
+
+    def test_files_bytes_and_pil_images_all_become_8_bit_rgb(self, tmp_path):
+        path = tmp_path / "rotated.png"
+        image = reference_rgb()
+        exif = image.getexif()
+        exif[0x0112] = 3  # Orientation: rotated 180 degrees
+        image.save(path, exif=exif)
+        with Image.open(path) as opened:
+            raw = opened.copy()
+        for source in (str(path), path, path.read_bytes(), io.BytesIO(path.read_bytes()), raw):
+            loaded = load_image(source)
+            assert loaded.mode == "RGB" and loaded.size == (80, 60)
+            assert loaded.getpixel((2, 30)) == (0, 0, 255) and loaded.getpixel((77, 30)) == (255, 0, 0)  # turned
+
+    @pytest.mark.parametrize(
+        ("image", "expected"),
+        [
+            (Image.new("RGBA", (8, 6), (10, 20, 30, 0)), (255, 255, 255)),  # transparent: white
+            (Image.new("LA", (8, 6), (0, 255)), (0, 0, 0)),  # opaque grey
+            (Image.fromarray(np.full((6, 8), 200 * 257, dtype=np.uint16)), (200, 200, 200)),  # 16 bit → 8 bit
+            (Image.new("L", (8, 6), 77), (77, 77, 77)),
+        ],
+        ids=["rgba", "la", "16bit", "grey"],
+    )
+    def test_modes_are_flattened_to_rgb(self, image, expected):
+        loaded = load_image(image)
+        assert loaded.mode == "RGB" and loaded.getpixel((3, 3)) == expected
+
+    def test_the_processor_reads_files_through_it(self, processor, tmp_path):
+        path = tmp_path / "lesion.png"
+        Image.new("RGBA", (80, 60), (200, 100, 50, 128)).save(path)
+        torch.testing.assert_close(processor(str(path))["pixel_values"], processor(load_image(path))["pixel_values"])
+
+    def test_errors_name_the_file(self, tmp_path):
+        (tmp_path / "notes.jpg").write_text("not an image")
+        with pytest.raises(ValueError, match="notes.jpg"):
+            load_image(tmp_path / "notes.jpg")
+        with pytest.raises(ValueError, match="upload.png"):
+            load_image(b"not an image", name="upload.png")
+
+
+def test_metadata_records_one_per_image():
+    record = {"age": 30}
+    assert metadata_records(None, 2) == [None, None]
+    assert metadata_records(record, 3) == [record] * 3
+    assert metadata_records([record, None], 2) == [record, None]
+    assert metadata_records(pd.DataFrame({"age": [1.0, 2.0]}), 2) == [{"age": 1.0}, {"age": 2.0}]
+    with pytest.raises(ValueError, match="holds 1 records for 2 images"):
+        metadata_records([record], 2)
+    with pytest.raises(ValueError, match="got int"):
+        metadata_records(42, 1)
+
+
 class TestMetadataProcessor:
     def test_full_record(self, metadata):
         out = metadata({"age": 55, "sex": "female", "anatom_site_general": "anterior torso"})
@@ -231,8 +288,7 @@ class TestLesionImage:
         torch.testing.assert_close(boxes[:2], torch.tensor([[0.0, 0.0, 64.0, 64.0]] * 2))
 
     def test_model_flags_empty_mask(self):
-        config = sl.SkinDualNetConfig.from_pretrained("configuration/skin-dualnet-tiny.json")
-        model = sl.SkinDualNet(config).eval()
+        model = tiny_classifier()
         with torch.no_grad():
             out = model(pixel_values=torch.randn(2, 3, 64, 64), lesion_mask=torch.zeros(2, 1, 64, 64))
         assert out.mask_empty.tolist() == [True, True]
