@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_classifier
 from isolation import run_isolated
 from PIL import Image
-from transformers import AutoConfig, pipeline
+from transformers import pipeline
 
 import modeling_skinlesion as sl
 
-PRESETS = Path(__file__).resolve().parents[1] / "configuration"
 REPO_ID = "org/skin-dualnet"
 
 
@@ -42,14 +42,9 @@ def build_hub_cache(folder: Path, cache: Path, repo_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(PRESETS / "skin-dualnet-tiny.json")
-    model = sl.SkinDualNet(config).eval()
-    folder = tmp_path_factory.mktemp("saved") / "skin-dualnet"
-    model.save_pretrained(folder)
-    sl.SkinLesionImageProcessor.from_model_config(config).save_pretrained(folder)
-    return model, folder
+def saved_model(saved_tiny_classifier):
+    """The model (the tiny preset, seed 0) and the folder `save_for_hub` wrote for it."""
+    return tiny_classifier(), saved_tiny_classifier
 
 
 def lesion_photo() -> Image.Image:

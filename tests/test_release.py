@@ -4,20 +4,18 @@ pipelines agree on it, and it stays within the size budget."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CHECKPOINT, REPO_ROOT, SPACE
 from isolation import run_isolated
 from safetensors import safe_open
 from transformers import AutoModel, pipeline
 
 from modeling_skinlesion.model_card import _format
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = REPO_ROOT / "checkpoints" / "skin-dualnet-small"
-EXAMPLES = sorted((REPO_ROOT / "space" / "examples").glob("*.jpg"))
+EXAMPLES = sorted((SPACE / "examples").glob("*.jpg"))
 
 
 @pytest.fixture(scope="module")
