@@ -144,7 +144,8 @@ def to_binary_mask(mask: Any, name: str = "mask") -> np.ndarray:
 
 def _components(mask: torch.Tensor, max_iterations: int = 100_000) -> torch.Tensor:
     """Label 8-connected components of a boolean mask `(h, w)` by propagating the maximum pixel index through the
-    mask; returns the label map (0 = background). Pure torch, so the processor needs no SciPy."""
+    mask; returns the label map (0 = background). `scipy.ndimage.label` does this, but remote code may not import
+    SciPy, so it is written in torch."""
     height, width = mask.shape
     index = torch.arange(1, height * width + 1, dtype=torch.float32).view(1, 1, height, width)
     labels = torch.where(mask, index, torch.zeros_like(index))

@@ -14,14 +14,13 @@ from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesio
 from modeling_skinlesion.explaining_skinlesion import (
     FAST_CAM_METHODS,
     SkinDualNetGradCAM,
-    heatmap_overlay,
     heatmap_to_image,
     lesion_focus,
-    mask_overlay,
     resize_cams,
     resolve_cam_sites,
 )
 from modeling_skinlesion.grad_cam_backend import LIBRARY_CAM_METHODS, SkinDualNetLibraryCAM, get_explainer
+from modeling_skinlesion.pipeline_skinlesion import heatmap_overlay, mask_overlay
 
 
 def real_inputs(size: int, model: SkinDualNet, count: int = 3) -> dict[str, torch.Tensor]:

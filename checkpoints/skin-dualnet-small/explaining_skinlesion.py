@@ -1,4 +1,4 @@
-"""Fast Grad-CAM for skin-dualnet, heatmap placement at the original image size, the lesion-focus score and overlays.
+"""Fast Grad-CAM for skin-dualnet, heatmap placement at the original image size and the lesion-focus score.
 
 The fast path needs one classification forward and one backward that stops at the hooked activations: forward hooks
 keep the activation of the Grad-CAM layer of each encoder as an autograd leaf, autograd records nothing above it
@@ -6,7 +6,7 @@ keep the activation of the Grad-CAM layer of each encoder as an autograd leaf, a
 respect to those two leaves only, so no parameter gradient is computed and no branch runs twice.
 
 Remote code (the `*_skinlesion.py` rule, see `pipeline_skinlesion`): shipped beside the weights, so it imports only
-torch, numpy, PIL and the standard library. The pytorch-grad-cam backend (every CAM method of that library, one call
+torch, numpy and the standard library. The pytorch-grad-cam backend (every CAM method of that library, one call
 per branch) is package-only: `modeling_skinlesion.grad_cam_backend`; its explainers plug into the pipeline as objects.
 Heatmap convention: float32 in [0, 1], 0 = cold, 1 = hot.
 """
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 FAST_CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcamelementwise")
@@ -284,7 +283,8 @@ def normalize_cam(cam: torch.Tensor) -> torch.Tensor:
 def compute_cam(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradcam") -> torch.Tensor:
     """Class activation maps `(batch_size, height, width)` in [0, 1] from a layer's activations and the gradients of
     the class score with respect to them (both `(batch_size, channels, height, width)`), by the formulas of
-    pytorch-grad-cam's GradCAM, GradCAMPlusPlus, HiResCAM, XGradCAM, LayerCAM and GradCAMElementWise."""
+    pytorch-grad-cam's GradCAM, GradCAMPlusPlus, HiResCAM, XGradCAM, LayerCAM and GradCAMElementWise (written out:
+    remote code may not import grad-cam; tests/test_explain.py checks each against the library)."""
     if method not in FAST_CAM_METHODS:
         raise ValueError(f"Unknown fast CAM `method` {method!r}; choose one of {list(FAST_CAM_METHODS)}.")
     a, g = activations.detach().float(), gradients.detach().float()
@@ -395,7 +395,7 @@ class SkinDualNetGradCAM:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Placement, lesion focus, overlays
+# Placement and lesion focus
 # --------------------------------------------------------------------------------------------------------------------
 def resize_cams(heatmaps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinearly resize maps `(batch_size, h, w)` to `size` and min-max scale them again, as pytorch-grad-cam does
@@ -486,107 +486,6 @@ def lesion_focus(heatmap: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Te
     return float(heat[binary].sum(dtype=np.float64) / total)
 
 
-def rgb_uint8(image: Any) -> np.ndarray:
-    """An image (PIL, or an RGB/grey array, uint8 or float in [0, 1]) as a uint8 RGB array `(height, width, 3)`."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(f"`image` must be an RGB image (PIL or (height, width, 3) array), got shape {array.shape}.")
-    if array.dtype != np.uint8:
-        array = np.clip(array.astype(np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return array
-
-
-def _jet_table() -> np.ndarray:
-    v = np.linspace(0.0, 1.0, 256, dtype=np.float32)[:, None]
-    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0.0, 1.0)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
-
-
-_JET = _jet_table()
-
-
-def _heat_index(values: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def jet_colormap(values: np.ndarray) -> np.ndarray:
-    """The 'jet' colour map (blue = 0, red = 1) as uint8 RGB of shape `values.shape + (3,)`."""
-    return _JET[_heat_index(values)]
-
-
-def heatmap_overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Blend a [0, 1] heatmap (jet colours) over an RGB image of the same size, `alpha` being the heatmap's weight."""
-    rgb = rgb_uint8(image)
-    heat = np.asarray(heatmap)
-    if heat.shape != rgb.shape[:2]:
-        raise ValueError(f"`heatmap` is {heat.shape} but the image is {rgb.shape[:2]}; use heatmap_to_image first.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
-    # PIL's palette lookup and blend run in C: a few ms even for a 3000 x 2000 photograph.
-    colours = Image.fromarray(_heat_index(heat))
-    colours.putpalette(_JET.tobytes())
-    return Image.blend(Image.fromarray(rgb), colours.convert("RGB"), alpha)
-
-
-def _near_background(binary: np.ndarray, width: int) -> np.ndarray:
-    """Lesion pixels with a background pixel within `width` (Chebyshev distance): the outline of the mask. A box
-    filter by cumulative sums, inside the mask's bounding box: its cost does not grow with `width`."""
-    rows, cols = np.flatnonzero(binary.any(1)), np.flatnonzero(binary.any(0))
-    r0, r1 = max(rows[0] - width, 0), min(rows[-1] + width + 1, binary.shape[0])
-    c0, c1 = max(cols[0] - width, 0), min(cols[-1] + width + 1, binary.shape[1])
-    near = ~binary[r0:r1, c0:c1]
-    for axis in (0, 1):
-        moved = np.moveaxis(near, axis, 0).astype(np.int32)
-        padding = [(width + 1, width)] + [(0, 0)] * (moved.ndim - 1)
-        sums = np.cumsum(np.pad(moved, padding), axis=0)
-        near = np.moveaxis(sums[2 * width + 1 :] - sums[: -2 * width - 1] > 0, 0, axis)
-    outline = np.zeros_like(binary)
-    outline[r0:r1, c0:c1] = near & binary[r0:r1, c0:c1]
-    return outline
-
-
-def mask_overlay(
-    image: Any,
-    mask: np.ndarray,
-    color: tuple[int, int, int] = (0, 200, 80),
-    alpha: float = 0.35,
-    contour_color: tuple[int, int, int] = (255, 230, 0),
-    contour_width: int | None = None,
-) -> Image.Image:
-    """Tint the lesion (`mask` True) over an RGB image of the same size and draw its outline (`contour_width` pixels,
-    by default about 1/150 of the image's short side)."""
-    rgb = rgb_uint8(image)
-    binary = np.asarray(mask).astype(bool)
-    if binary.shape != rgb.shape[:2]:
-        raise ValueError(f"`mask` is {binary.shape} but the image is {rgb.shape[:2]}.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
-    base = Image.fromarray(rgb)
-    if not binary.any():
-        return base
-    tinted = Image.blend(base, Image.new("RGB", base.size, tuple(color)), alpha)
-    out = Image.composite(tinted, base, Image.fromarray(binary))
-    width = contour_width or max(1, round(min(binary.shape) / 150))
-    out.paste(tuple(contour_color), mask=Image.fromarray(_near_background(binary, width)))
-    return out
-
-
-def pixel_values_to_image(
-    pixel_values: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]
-) -> Image.Image:
-    """Undo the normalisation of one `(3, height, width)` input (e.g. the lesion image); return it as a PIL image."""
-    if pixel_values.ndim != 3 or pixel_values.shape[0] != 3:
-        raise ValueError(f"`pixel_values` must have shape (3, height, width), got {tuple(pixel_values.shape)}.")
-    mean = torch.tensor(list(image_mean), dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(list(image_std), dtype=torch.float32).view(3, 1, 1)
-    rgb = (pixel_values.detach().float().cpu() * std + mean).clamp(0, 1)
-    return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
-
-
 __all__ = [
     "BRANCHES",
     "FAST_CAM_METHODS",
@@ -595,17 +494,12 @@ __all__ = [
     "SkinDualNetGradCAM",
     "check_dualnet",
     "compute_cam",
-    "heatmap_overlay",
     "heatmap_to_image",
-    "jet_colormap",
     "lesion_focus",
-    "mask_overlay",
     "model_lock",
     "normalize_cam",
-    "pixel_values_to_image",
     "preserved_model_state",
     "resize_cams",
     "resolve_cam_sites",
     "resolve_target_classes",
-    "rgb_uint8",
 ]
