@@ -69,12 +69,6 @@ class SkinLesionOriginal:
         return self.image.shape[0], self.image.shape[1]
 
 
-def _one(value: Any) -> Any:
-    """An un-batched non-tensor value: transformers hands `postprocess` the item itself after un-batching a batch, and
-    a one-item list when it ran the batch of one as it is."""
-    return value[0] if isinstance(value, list) else value
-
-
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Binary masks `(batch_size, 1, h, w)` resized as `post_process_masks` does (bilinear, then > 0.5)."""
     if tuple(masks.shape[-2:]) == tuple(size):
@@ -401,7 +395,7 @@ class SkinLesionAnalysisPipeline(Pipeline):
         - `metadata_used` (the fields the model used, as parsed), `metadata_missing` (fields not given or not
           understood), `metadata_ignored` (fields given to a model without a metadata branch).
         """
-        original = _one(model_outputs["original"])
+        original = model_outputs["original"]  # collated into a list for `_forward`, un-batched again by transformers
         height, width = original.size
         image = original.image if isinstance(original.image, Image.Image) else rgb_uint8(original.image)
         input_height, input_width = model_outputs["masks"].shape[-2:]
