@@ -160,6 +160,7 @@ def build_lesion_image(
         by0 = (cy - side / 2).clamp(min=0).minimum(height - side)
         boxes = torch.stack([bx0, by0, bx0 + side, by0 + side], dim=1)
         boxes = torch.where(empty.unsqueeze(1), full, boxes)
+        # Crop and resize in one bilinear resampling (`torchvision.ops.roi_align` would do it; same import rule).
         theta = torch.zeros(batch, 2, 3, dtype=pixel_values.dtype, device=pixel_values.device)
         theta[:, 0, 0] = (boxes[:, 2] - boxes[:, 0]) / width
         theta[:, 0, 2] = (boxes[:, 0] + boxes[:, 2]) / width - 1
