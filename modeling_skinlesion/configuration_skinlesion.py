@@ -211,8 +211,8 @@ class SkinDualNetConfig(PreTrainedConfig):
         The returned logits are divided by it: a temperature fitted on the validation split (temperature scaling)
         makes every entry point return calibrated probabilities. 1.0 = not calibrated.
     gradcam_target_layer (`str`, *optional*):
-        Layer, relative to each timm trunk, that Grad-CAM hooks; `None` hooks the module named by the last entry of
-        the trunk's timm `feature_info`.
+        Module, relative to each timm trunk, that Grad-CAM hooks; `None` uses the trunk's final feature map (what
+        timm's `forward_features` returns and the encoder turns into tokens).
     segmenter_config (`dict` or [`SkinLesionSegmenterConfig`], *optional*):
         Configuration of the nested segmenter.
     """
@@ -335,12 +335,6 @@ class SkinDualNetConfig(PreTrainedConfig):
         if label not in self.label2id:
             raise ValueError(f"Unknown label {label!r}; valid labels: {list(self.label2id)}.")
         return int(self.label2id[label])
-
-    def gradcam_layer(self) -> str | None:
-        """The configured Grad-CAM layer inside each trunk; `None`: the explainer hooks the module that the last
-        entry of the trunk's timm `feature_info` names (`layer4` for a ResNet, `features.norm5` for a DenseNet,
-        `blocks.6` for an EfficientNet)."""
-        return self.gradcam_target_layer or None
 
 
 __all__ = ["SkinLesionSegmenterConfig", "SkinDualNetConfig"]
