@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from _checkpoints import unwrap_pretrained
 from _training import cap, move_to, split_dataset
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 from transformers import AutoConfig
@@ -274,6 +274,16 @@ def fit_calibration(
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation of a saved model (one process)
 # --------------------------------------------------------------------------------------------------------------------
+def evaluation_device(name: str | None) -> torch.device:
+    """The device of a one-process evaluation: `name` (`--device`) or Accelerate's default (the GPU when there is
+    one). Accelerate's state is set up either way: the data helpers log through it."""
+    if name is None:
+        return PartialState().device
+    device = torch.device(name)
+    PartialState(cpu=device.type == "cpu")
+    return device
+
+
 def load_model(name: str, device: torch.device) -> tuple[torch.nn.Module, SkinLesionImageProcessor]:
     """The saved segmenter or classifier (by its config's model type) in eval mode, and its image processor."""
     config = AutoConfig.from_pretrained(name)

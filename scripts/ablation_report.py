@@ -135,8 +135,9 @@ def markdown_table(rows: dict[str, dict[str, Any]], descriptions: dict[str, str]
     ]
     for name, row in rows.items():
         focus = row["lesion_focus"]
-        cells = [f"{row['metrics'][key]:.3f}" for key in (*SCORES, "balanced_accuracy_prior_adjusted")]
-        cells += [f"{focus[b]:.3f}" if focus.get(b) is not None else "–" for b in ("image", "lesion", "chance")]
+        values = [row["metrics"][key] for key in (*SCORES, "balanced_accuracy_prior_adjusted")]
+        values += [focus.get(branch) for branch in ("image", "lesion", "chance")]
+        cells = ["–" if value is None else f"{value:.3f}" for value in values]  # None: undefined on this split
         lines.append(f"| ({name}) {descriptions[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -153,7 +154,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import _training as T
     import pandas as pd
     import torch
-    from accelerate import PartialState
     from datasets import Image
 
     from modeling_skinlesion import SkinLesionMetadataProcessor
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
     logger = logging.getLogger("ablation_report")
-    device = torch.device(args.device) if args.device else PartialState().device  # the data helpers need its state
+    device = E.evaluation_device(args.device)
     models = dict(value.split("=", 1) for value in args.model)
     ablations = dict(value.split("=", 1) for value in args.no_metadata_variant)
     output_dir = Path(args.output_dir)

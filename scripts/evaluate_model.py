@@ -75,8 +75,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import _training as T
     import datasets
     import numpy as np
-    import torch
-    from accelerate import PartialState
 
     from modeling_skinlesion import SkinLesionMetadataProcessor, SkinLesionSegmenter
     from modeling_skinlesion.configuration_skinlesion import HAM10000_LABELS
@@ -86,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger = logging.getLogger("evaluate_model")
     datasets.disable_progress_bars()
     start = time.perf_counter()
-    # The data helpers log through Accelerate, which needs its state; its device is the default one.
-    device = torch.device(args.device) if args.device else PartialState().device
-    if args.device:
-        PartialState(cpu=device.type == "cpu")
+    device = E.evaluation_device(args.device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     submission_dir = Path(args.submission_dir) if args.submission_dir else None

@@ -221,3 +221,38 @@ def test_rejects_models_that_are_not_skin_dualnet(tmp_path):
     AutoConfig.for_model("vit").save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="'vit' model"):
         _evaluation.load_model(str(tmp_path / "vit"), torch.device("cpu"))
+
+
+def test_ablation_report_scores_every_variant_on_the_shared_test_split(data_root, tmp_path):
+    """scripts/ablation_report.py on two saved classifiers that share a recorded test split: per-variant predictions
+    for exactly those images, a metadata-withheld variant, bootstrap differences, and the export chosen by the
+    training runs' validation score (never the test score)."""
+    import ablation_report
+
+    ham = load_ham10000(data_root / "ham10000", masks=True)
+    ids, labels = column_values(ham, "image_id"), column_values(ham, "label")
+    test_ids = [ids[i] for label in (2, 4, 5) for i in [i for i, x in enumerate(labels) if x == label][:2]]
+    for name, seed, validation in (("single", 0, 0.2), ("full", 1, 0.4)):
+        folder = tmp_path / name
+        tiny_classifier(seed).save_pretrained(folder)
+        (folder / "splits.json").write_text(json.dumps({"train": [], "validation": [], "test": test_ids}))
+        counts = {label: 10 for label in sl.SkinDualNetConfig().id2label.values()}
+        record = {"best": {"value": validation}, "split": {"train": {"class_counts": counts}}}
+        (folder / "metrics.json").write_text(json.dumps(record))
+    argv = [
+        "--data-root", str(data_root / "ham10000"), "--output-dir", str(tmp_path / "report"),
+        "--model", f"a={tmp_path / 'single'}", f"c={tmp_path / 'full'}", "--no-metadata-variant", "d=c",
+        "--focus-samples", "2", "--bootstrap", "20", "--batch-size", "4", "--device", "cpu",
+    ]  # fmt: skip
+    result = ablation_report.main(argv)
+
+    assert set(result["variants"]) == {"a", "c", "d"} and result["test_images"] == 6
+    assert result["variants"]["d"]["metadata_withheld"] and not result["variants"]["c"]["metadata_withheld"]
+    for name in ("a", "c", "d"):
+        table = pd.read_csv(tmp_path / "report" / f"predictions_{name}.csv")
+        assert sorted(table["image_id"]) == sorted(test_ids)
+        assert result["variants"][name]["lesion_focus_images"]["image"] == 2
+    assert result["export"]["variant"] == "c"  # the higher validation balanced accuracy
+    assert set(result["differences"]["balanced_accuracy"]) == {"c-a", "c-d"}
+    card = json.loads((tmp_path / "report" / "card_metrics.json").read_text())
+    assert card["model"] == str(tmp_path / "full") and card["num_samples"] == 6
