@@ -61,10 +61,9 @@ class _SkinDualNetLogits(nn.Module):
     """What pytorch-grad-cam expects from a model: one input tensor in, logits out. The branch being explained gets
     the input (the image, or the lesion image); the other branch's input and the metadata pass through unchanged.
 
-    The library hooks a module's output; the Grad-CAM site may be a layer's input (the trunk's final feature map
-    entering the projection) or, with shared encoders, a layer that runs twice per forward (image, then lesion image).
-    So a routing hook sends each site's activation through an identity tap of its own branch, and the library hooks
-    the tap of the branch being explained.
+    With shared encoders the hooked layer runs twice per forward (image, then lesion image), and pytorch-grad-cam
+    cannot tell those calls apart. So a routing hook sends each call's output through an identity tap of its own
+    branch, and the library hooks the tap of the branch being explained.
     """
 
     def __init__(
@@ -93,12 +92,7 @@ class _SkinDualNetLogits(nn.Module):
                 self._calls[key] = call + 1
                 return self.taps[branches[min(call, len(branches) - 1)]](activation)
 
-            if site.reads_input:
-                handles.append(
-                    site.layer.register_forward_pre_hook(lambda m, args, tap=tap: (tap(args[0]), *args[1:]))
-                )
-            else:
-                handles.append(site.layer.register_forward_hook(lambda m, args, output, tap=tap: tap(output)))
+            handles.append(site.layer.register_forward_hook(lambda m, args, output, tap=tap: tap(output)))
         return handles
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -99,20 +99,19 @@ def test_fast_path_matches_pytorch_grad_cam_on_both_branches(data_root, method, 
         assert (theirs.flatten(1).amax(1) > 0.99).any(), branch
 
 
-def test_default_site_is_the_trunk_feature_map_the_classifier_reads(data_root):
-    """No table of layer names: by default Grad-CAM reads the trunk's final feature map (the projection's input),
-    which is ResNet's `layer4` and EfficientNet's head-conv `bn2` (not timm's last `feature_info` stage, `blocks.*`),
-    so the shipped EfficientNet checkpoint's heatmaps are those of its former `bn2` entry."""
-    for encoder, layer in (("test_resnet", "layer4"), ("test_efficientnet", "bn2")):
+def test_default_layer_is_the_last_timm_feature_info_module(data_root):
+    """No table of layer names: timm's metadata names the default layer (`layer4` of the tiny ResNet, `blocks.4` of
+    the tiny EfficientNet; `blocks.6` of the shipped EfficientNet-Lite0 checkpoint, as before the table went)."""
+    for encoder, layer in (("test_resnet", "layer4"), ("test_efficientnet", "blocks.4")):
         model = tiny_classifier(encoder_name=encoder)
+        assert model.image_encoder.trunk.feature_info[-1]["module"] == layer
         inputs = real_inputs(64, model, count=2)
         default = SkinDualNetGradCAM()(model, **inputs).heatmaps
         named = SkinDualNetGradCAM(layer=layer)(model, **inputs).heatmaps
         for branch in ("image", "lesion"):
             assert torch.equal(default[branch], named[branch]), (encoder, branch)
-    stage = model.image_encoder.trunk.feature_info[-1]["module"]
-    assert stage != "bn2"
-    assert not torch.equal(SkinDualNetGradCAM(layer=stage)(model, **inputs).heatmaps["image"], default["image"])
+    # Another layer gives another map, so the equality above says which layer ran.
+    assert not torch.equal(SkinDualNetGradCAM(layer="bn2")(model, **inputs).heatmaps["image"], default["image"])
 
 
 def test_fast_path_explains_predicted_class_by_default_and_named_classes(data_root):
@@ -325,17 +324,15 @@ def test_unknown_method_and_class_names_list_the_valid_ones(data_root):
         SkinDualNetGradCAM()(model.segmenter, **inputs)
 
 
-def test_cam_sites_default_to_the_projection_input_and_follow_the_config():
+def test_cam_sites_follow_the_config_and_shared_encoders():
     model = tiny_classifier()
     sites = resolve_cam_sites(model)
-    assert sites["image"].layer is model.image_encoder.projection and sites["image"].reads_input
-    assert sites["lesion"].layer is model.lesion_encoder.projection
+    assert sites["image"].layer is model.image_encoder.trunk.layer4
+    assert sites["lesion"].layer is model.lesion_encoder.trunk.layer4
     configured = resolve_cam_sites(tiny_classifier(gradcam_target_layer="layer3"))
-    assert (
-        not configured["image"].reads_input and configured["image"].layer is configured["image"].encoder.trunk.layer3
-    )
+    assert configured["image"].layer is configured["image"].encoder.trunk.layer3
     shared = resolve_cam_sites(tiny_classifier(share_encoders=True))
-    assert shared["image"].layer is shared["lesion"].layer
+    assert shared["image"].layer is shared["lesion"].layer is shared["image"].encoder.trunk.layer4
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -66,13 +66,11 @@ def check_dualnet(model: Any, name: str = "model") -> None:
 
 @dataclass(frozen=True)
 class CamSite:
-    """Where Grad-CAM reads one branch: `encoder` (the branch's `SkinDualNetImageEncoder`) and `layer`, whose output
-    is the activation, or whose input with `reads_input` (the default site: the trunk's final feature map as it enters
-    `encoder.projection`)."""
+    """Where Grad-CAM reads one branch: `encoder` (the branch's `SkinDualNetImageEncoder`) and `layer`, the module of
+    its timm trunk whose output is the activation."""
 
     encoder: nn.Module
     layer: nn.Module
-    reads_input: bool
 
 
 def _layer_candidates(trunk: nn.Module) -> list[str]:
@@ -84,11 +82,10 @@ def _layer_candidates(trunk: nn.Module) -> list[str]:
 def resolve_cam_sites(model: nn.Module, layer: str | None = None) -> dict[str, CamSite]:
     """Per branch, the `CamSite` of Grad-CAM.
 
-    `layer` (a module name inside each timm trunk, e.g. one of timm's `feature_info` modules) defaults to
-    `model.config.gradcam_target_layer`; when both are unset, the activation is the trunk's final feature map (what
-    timm's `forward_features` returns and the encoder's projection reads: `layer4` of a ResNet, `features.norm5` of a
-    DenseNet, the head convolution's `bn2` of an EfficientNet), so no table of layer names is needed. The `"lesion"`
-    entry is absent when the model has no lesion branch; with shared encoders both entries hold the same modules.
+    `layer` (a module name inside each timm trunk) defaults to `model.config.gradcam_target_layer`, then to the
+    module of the trunk's last timm `feature_info` entry (`layer4` of a ResNet, `features.norm5` of a DenseNet,
+    `blocks.6` of an EfficientNet-Lite0), so no table of layer names is needed. The `"lesion"` entry is absent when
+    the model has no lesion branch; with shared encoders both entries hold the same modules.
     """
     check_dualnet(model)
     name = layer or getattr(model.config, "gradcam_target_layer", None)
@@ -97,19 +94,16 @@ def resolve_cam_sites(model: nn.Module, layer: str | None = None) -> dict[str, C
         encoders["lesion"] = model.lesion_branch
     sites = {}
     for branch, encoder in encoders.items():
-        if not name:
-            sites[branch] = CamSite(encoder, encoder.projection, reads_input=True)
-            continue
+        layer_name = name or _layer_candidates(encoder.trunk)[-1]
         try:
-            module = encoder.trunk.get_submodule(name)
+            module = encoder.trunk.get_submodule(layer_name)
         except AttributeError as error:
             raise ValueError(
-                f"Grad-CAM layer {name!r} is not a module of the {branch} encoder's trunk "
+                f"Grad-CAM layer {layer_name!r} is not a module of the {branch} encoder's trunk "
                 f"({model.config.encoder_name}); set `gradcam_target_layer` in the config (or pass `layer`) to a "
-                f"module name of the trunk such as {_layer_candidates(encoder.trunk)}, or leave it unset for the "
-                "trunk's final feature map."
+                f"module name of the trunk such as {_layer_candidates(encoder.trunk)}."
             ) from error
-        sites[branch] = CamSite(encoder, module, reads_input=False)
+        sites[branch] = CamSite(encoder, module)
     return sites
 
 
@@ -211,10 +205,7 @@ class _ActivationTaps:
             for site in {id(site.layer): site for site in sites.values()}.values():
                 self.records[id(site.layer)] = []
                 self.handles.append(site.encoder.register_forward_pre_hook(self._stop_recording))
-                if site.reads_input:
-                    self.handles.append(site.layer.register_forward_pre_hook(self._keep_input(id(site.layer))))
-                else:
-                    self.handles.append(site.layer.register_forward_hook(self._keep_output(id(site.layer))))
+                self.handles.append(site.layer.register_forward_hook(self._keep(id(site.layer))))
         except BaseException:
             self.remove()
             raise
@@ -223,32 +214,21 @@ class _ActivationTaps:
         if threading.get_ident() == self.thread:
             torch.set_grad_enabled(False)
 
-    def _leaf(self, key: int, module: nn.Module, activation: Any) -> torch.Tensor:
-        if not isinstance(activation, torch.Tensor) or activation.ndim != 4:
-            kind = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
-            raise ValueError(
-                f"Grad-CAM needs a layer whose output is (batch_size, channels, height, width), got {kind} from "
-                f"{type(module).__name__}; set `gradcam_target_layer` in the config to a convolutional stage."
-            )
-        torch.set_grad_enabled(True)
-        leaf = activation.detach().requires_grad_(True)
-        self.records[key].append(leaf)
-        # A copy goes on, so an in-place op after the layer cannot modify the leaf we differentiate against.
-        return leaf.clone()
-
-    def _keep_input(self, key: int):
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
-            if threading.get_ident() != self.thread:
-                return None
-            return (self._leaf(key, module, args[0]), *args[1:])
-
-        return hook
-
-    def _keep_output(self, key: int):
+    def _keep(self, key: int):
         def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
             if threading.get_ident() != self.thread:
                 return None
-            return self._leaf(key, module, output)
+            if not isinstance(output, torch.Tensor) or output.ndim != 4:
+                kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ValueError(
+                    f"Grad-CAM needs a layer whose output is (batch_size, channels, height, width), got {kind} from "
+                    f"{type(module).__name__}; set `gradcam_target_layer` in the config to a convolutional stage."
+                )
+            torch.set_grad_enabled(True)
+            leaf = output.detach().requires_grad_(True)
+            self.records[key].append(leaf)
+            # A copy goes on, so an in-place op after the layer cannot modify the leaf we differentiate against.
+            return leaf.clone()
 
         return hook
 
@@ -331,7 +311,7 @@ class SkinDualNetGradCAM:
         method (`str`, *optional*, defaults to `"gradcam"`): one of `FAST_CAM_METHODS`. Other CAM methods (EigenCAM,
             ScoreCAM, ...) run through pytorch-grad-cam: `modeling_skinlesion.grad_cam_backend.SkinDualNetLibraryCAM`.
         layer (`str`, *optional*): a module inside each timm trunk; defaults to `model.config.gradcam_target_layer`,
-            then to the trunk's final feature map (see `resolve_cam_sites`).
+            then to the trunk's last timm `feature_info` module (see `resolve_cam_sites`).
 
     Calling it with the model and its inputs returns a [`SkinDualNetExplanation`]. The model is left as it was found:
     its train/eval flags are restored, no hook stays registered, no parameter gets a gradient, no flag is changed.
