@@ -87,12 +87,12 @@ class _SkinDualNetLogits(nn.Module):
         for site in {id(site.layer): site for site in sites.values()}.values():
             branches = [branch for branch, other in sites.items() if other.layer is site.layer]
 
-            def tap(activation: torch.Tensor, key: int = id(site.layer), branches: list[str] = branches):
-                call = self._calls.get(key, 0)
+            def hook(module: nn.Module, args: Any, output: torch.Tensor, key: int = id(site.layer), branches=branches):
+                call = self._calls.get(key, 0)  # shared encoders: the first call is the image branch's
                 self._calls[key] = call + 1
-                return self.taps[branches[min(call, len(branches) - 1)]](activation)
+                return self.taps[branches[min(call, len(branches) - 1)]](output)
 
-            handles.append(site.layer.register_forward_hook(lambda m, args, output, tap=tap: tap(output)))
+            handles.append(site.layer.register_forward_hook(hook))
         return handles
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
