@@ -211,8 +211,9 @@ class SkinDualNetConfig(PreTrainedConfig):
         The returned logits are divided by it: a temperature fitted on the validation split (temperature scaling)
         makes every entry point return calibrated probabilities. 1.0 = not calibrated.
     gradcam_target_layer (`str`, *optional*):
-        Module, relative to each timm trunk, that Grad-CAM hooks; `None` uses the trunk's final feature map (what
-        timm's `forward_features` returns and the encoder turns into tokens).
+        Module, relative to each timm trunk, that Grad-CAM hooks; `None` uses the module of the trunk's last timm
+        `feature_info` entry (its deepest stage, stride 32; e.g. `blocks.6` for EfficientNet, `features.norm5` for
+        DenseNet).
     segmenter_config (`dict` or [`SkinLesionSegmenterConfig`], *optional*):
         Configuration of the nested segmenter.
     """
