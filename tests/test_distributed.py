@@ -18,37 +18,39 @@ pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-# Evaluates a saved model on the validation ids of a run in ONE process, with the scripts' own validation function.
-# Batches of one image, as in the job: CPU kernels may round differently for another batch size (a 1e-8 change in a
-# probability, or a pixel flipping at the mask threshold).
-SINGLE_PROCESS_EVALUATION = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from accelerate import Accelerator
-from transformers import AutoModel
-from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
-from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values, load_ham10000
+def single_process_metrics(script: str, output_dir: Path, data_root: Path) -> dict:
+    """The saved model of a run evaluated on its validation ids in this one process, with the scripts' own validation
+    function. One thread and batches of one image, as in the job: CPU kernels may round differently otherwise (a 1e-8
+    change in a probability, or a pixel flipping at the mask threshold)."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModel
 
-script, output_dir, data_root = sys.argv[2], Path(sys.argv[3]), sys.argv[4]
-ids = json.loads((output_dir / "splits.json").read_text())["validation"]
-dataset = load_ham10000(data_root, masks=True)
-position = {image_id: i for i, image_id in enumerate(column_values(dataset, "image_id"))}
-dataset = dataset.select([position[i] for i in ids])
-model = AutoModel.from_pretrained(output_dir)
-processor = SkinLesionImageProcessor.from_model_config(model.config)
-accelerator = Accelerator(cpu=True)
-assert accelerator.num_processes == 1
-from _evaluation import image_forward, validate_classifier, validate_segmenter
-if script == "segmenter":
-    loader = build_dataloader(dataset, SkinLesionTransform(processor), batch_size=1)
-    metrics = validate_segmenter(model, loader, accelerator)
-else:
-    metadata = SkinLesionMetadataProcessor.from_config(model.config)
-    loader = build_dataloader(dataset, SkinLesionTransform(processor, metadata_processor=metadata), batch_size=1)
-    metrics = validate_classifier(model, loader, accelerator, lambda m, batch: image_forward(m, batch, False))
-print("METRICS " + json.dumps(metrics))
-"""
+    from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
+    from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values, load_ham10000
+
+    sys.path.insert(0, str(SCRIPTS))
+    from _evaluation import image_forward, validate_classifier, validate_segmenter
+
+    ids = json.loads((output_dir / "splits.json").read_text())["validation"]
+    dataset = load_ham10000(data_root, masks=True)
+    position = {image_id: i for i, image_id in enumerate(column_values(dataset, "image_id"))}
+    dataset = dataset.select([position[i] for i in ids])
+    model = AutoModel.from_pretrained(output_dir)
+    processor = SkinLesionImageProcessor.from_model_config(model.config)
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if script == "segmenter":
+            loader = build_dataloader(dataset, SkinLesionTransform(processor), batch_size=1)
+            return validate_segmenter(model, loader, accelerator)
+        metadata = SkinLesionMetadataProcessor.from_config(model.config)
+        loader = build_dataloader(dataset, SkinLesionTransform(processor, metadata_processor=metadata), batch_size=1)
+        return validate_classifier(model, loader, accelerator, lambda m, batch: image_forward(m, batch, False))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -114,22 +116,5 @@ def test_two_process_cpu_job(script: str, data_root: Path, presets: Path, tmp_pa
     assert metrics["num_processes"] == 2 and metrics["steps"] == 2 * math.ceil(16 / (2 * 2))
     gathered = metrics["best"]["validation"]
     assert gathered.get("num_images", gathered.get("num_samples")) == 13
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SINGLE_PROCESS_EVALUATION,
-            str(SCRIPTS),
-            script,
-            str(tmp_path),
-            str(data_root / "ham10000"),
-        ],
-        cwd=REPO_ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-5000:]
-    reference = json.loads(single.stdout.split("METRICS ", 1)[1])
+    reference = single_process_metrics(script, tmp_path, data_root / "ham10000")
     assert_same_metrics(gathered, reference)

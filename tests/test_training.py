@@ -273,12 +273,17 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp
         "--checkpointing-steps", "4", "--keep-checkpoints", "2", "--seed", "7",
         "--max-train-samples", "12", "--max-eval-samples", "4",  # 6 steps an epoch: killed in the second
     ]  # fmt: skip
+    # The uninterrupted reference runs beside the run to be killed (one thread each).
     reference = tmp_path / "reference"
-    run_script("train_segmenter.py", *arguments, "--output-dir", reference)
-
+    command = [sys.executable, str(SCRIPTS / "train_segmenter.py"), *map(str, arguments), "--output-dir"]
+    reference_log = (tmp_path / "reference.log").open("w+")  # a file: a full pipe would stall the run
+    uninterrupted = subprocess.Popen(
+        [*command, reference], cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=reference_log
+    )
     interrupted = tmp_path / "interrupted"
-    command = [sys.executable, str(SCRIPTS / "train_segmenter.py"), *map(str, arguments), "--output-dir", interrupted]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [*command, interrupted], cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 180
     while not (interrupted / "checkpoints" / "checkpoint-8").is_dir():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -289,6 +294,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(small_data, presets, tmp
     assert process.returncode == -signal.SIGKILL
     assert not (interrupted / "metrics.json").exists()
     killed_at = max(int(p.name.split("-")[1]) for p in (interrupted / "checkpoints").glob("checkpoint-*"))
+    uninterrupted.wait(timeout=240)
+    reference_log.seek(0)
+    assert uninterrupted.returncode == 0, reference_log.read()[-3000:]
 
     resumed = run_script("train_segmenter.py", *arguments, "--output-dir", interrupted, "--resume", "latest")
     assert f"Resumed from {interrupted / 'checkpoints' / f'checkpoint-{killed_at}'} at step {killed_at}" in (
