@@ -2,6 +2,7 @@
 submission files that the official scorer (`isic-challenge-scoring`) reads and scores exactly as our metrics do."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -39,7 +40,8 @@ SEGMENTATION_KEYS = {
 
 
 def run_evaluate(*args: str, cwd: Path) -> dict:
-    """Run the script as a user does; check it logs its scores and where it wrote them; return its metrics.json."""
+    """Run the script as a user does (a new interpreter: its log lines must survive the `evaluate` library's logging
+    set-up); check it logs its scores and where it wrote them; return its metrics.json."""
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--batch-size", "8"],
         capture_output=True,
@@ -49,9 +51,20 @@ def run_evaluate(*args: str, cwd: Path) -> dict:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return checked_metrics(args, cwd, result.stdout + result.stderr)
+
+
+def evaluate_in_process(*args: str, cwd: Path, monkeypatch, caplog) -> dict:
+    """`evaluate_model.main(argv)` in this process, from `cwd`; the same checks as `run_evaluate`."""
+    monkeypatch.chdir(cwd)
+    with caplog.at_level(logging.INFO):
+        evaluate_model.main([*args, "--batch-size", "8"])
+    return checked_metrics(args, cwd, caplog.text)
+
+
+def checked_metrics(args: tuple[str, ...], cwd: Path, log: str) -> dict:
     output_dir = cwd / args[args.index("--output-dir") + 1]
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    log = result.stdout + result.stderr
     assert f"Wrote {args[args.index('--output-dir') + 1]}/metrics.json" in log
     score = "dice" if metrics["task"] == "segmentation" else "balanced_accuracy"
     assert f"{score} {metrics['metrics'][score]:.4f}" in log
@@ -126,15 +139,15 @@ def make_clinic(data_root: Path, folder: Path, per_class: int = 5) -> tuple[Path
 
 @pytest.mark.slow
 def test_classification_submission_is_scored_identically_by_official_scorer(
-    saved_models, data_root, tmp_path, official_csv_parser
+    saved_models, data_root, tmp_path, official_csv_parser, monkeypatch, caplog
 ):
     images_dir, csv = make_clinic(data_root, tmp_path / "clinic", per_class=4)
-    result = run_evaluate(
+    result = evaluate_in_process(
         "--model", str(saved_models / "classifier"),
         "--dataset", "clinic", "--data-root", str(images_dir), "--clinic-csv", str(csv),
         "--column-map", "image=file", "label=diagnosis", "group_id=patient", "age=years",
         "--split", "all", "--output-dir", "eval", "--submission-dir", "submission", "--lesion-focus",
-        cwd=tmp_path,
+        cwd=tmp_path, monkeypatch=monkeypatch, caplog=caplog,
     )  # fmt: skip
     metrics = result["metrics"]
     assert result["task"] == "classification" and result["num_samples"] == 28
