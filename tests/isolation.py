@@ -39,7 +39,7 @@ _DONE = "\x1eISOLATED-DONE\x1e"
 
 # The worker's loop: one JSON request per stdin line ({"script": path, "cwd": folder}); it runs the script file as
 # __main__ with Python-level stdout captured, then writes the marker and a JSON reply on one line.
-_WORKER_LOOP = f'''
+_WORKER_LOOP = f"""
 import contextlib
 import io
 import json
@@ -54,7 +54,8 @@ for _line in sys.stdin:
     try:
         with contextlib.redirect_stdout(_out):
             _source = open(_request["script"]).read()
-            exec(compile(_source, _request["script"], "exec"), {{"__name__": "__main__", "__file__": _request["script"]}})
+            _globals = {{"__name__": "__main__", "__file__": _request["script"]}}
+            exec(compile(_source, _request["script"], "exec"), _globals)
     except SystemExit as _exit:
         if _exit.code not in (None, 0):
             _error = f"SystemExit({{_exit.code!r}})"
@@ -62,7 +63,7 @@ for _line in sys.stdin:
         _error = traceback.format_exc()
     sys.__stdout__.write({_DONE!r} + json.dumps({{"stdout": _out.getvalue(), "error": _error}}) + "\\n")
     sys.__stdout__.flush()
-'''
+"""
 
 
 def _environment(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -30,7 +30,9 @@ def test_saved_checkpoint_gives_the_same_logits(model):
     processor = SkinLesionImageProcessor.from_pretrained(FOLDER)
     pixel_values = processor(paths)["pixel_values"]
     with torch.no_grad():
-        logits = model(pixel_values=pixel_values, **SkinLesionMetadataProcessor.from_config(model.config)(metadata)).logits
+        logits = model(
+            pixel_values=pixel_values, **SkinLesionMetadataProcessor.from_config(model.config)(metadata)
+        ).logits
         segmenter = model.segmenter(pixel_values=pixel_values).logits.sum(dim=(1, 2, 3))
     np.testing.assert_allclose(logits.numpy(), EXPECTED["logits"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(segmenter.numpy(), EXPECTED["segmenter_logit_sums"], rtol=1e-5, atol=1e-2)
@@ -47,7 +49,9 @@ def check_same(results: list[dict]) -> None:
 
 def test_saved_checkpoint_gives_the_same_analysis_through_the_pipeline(model):
     paths, metadata = compat_inputs(FOLDER)
-    analyse = pipeline("skin-lesion-analysis", model=model, image_processor=SkinLesionImageProcessor.from_pretrained(FOLDER))
+    analyse = pipeline(
+        "skin-lesion-analysis", model=model, image_processor=SkinLesionImageProcessor.from_pretrained(FOLDER)
+    )
     check_same([analyse(path, metadata=record) for path, record in zip(paths, metadata)])
 
 

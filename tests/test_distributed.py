@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
+
 def single_process_metrics(script: str, output_dir: Path, data_root: Path) -> dict:
     """The saved model of a run evaluated on its validation ids in this one process, with the scripts' own validation
     function. One thread and batches of one image, as in the job: CPU kernels may round differently otherwise (a 1e-8

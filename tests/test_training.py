@@ -3,6 +3,7 @@ logging), bad files, offline backbones, a run killed after a checkpoint and resu
 trained, resumed and calibrated; plus their shared command line, parsed in process."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -237,30 +238,53 @@ def test_report_to_tensorboard_logs_every_epoch(segmenter_run):
     assert dice == pytest.approx([epoch["validation"]["dice"] for epoch in metrics["history"]], abs=1e-6)
 
 
-@pytest.mark.slow
-def test_bad_files_raise_names_the_file(small_data, presets, tmp_path):
-    result = run_script(
-        "train_segmenter.py",
-        "--config", presets / "segmenter-tiny.json",
-        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
-        "--output-dir", tmp_path, "--val-size", "0.25", "--bad-files", "raise",
-        check=False,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert f"{small_data['corrupt']}.jpg" in result.stderr and "truncated" in result.stderr
+@pytest.fixture
+def in_process_run():
+    """Run a training script's `main(argv)` in this process and put back what it sets for the whole process: logging
+    levels and handlers, the datasets progress bars, Accelerate's shared state."""
+    import datasets
+    from accelerate.state import AcceleratorState
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)}
+    verbosity = datasets.utils.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name in list(logging.root.manager.loggerDict):
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
+    datasets.utils.logging.set_verbosity(verbosity)
+    (datasets.enable_progress_bars if bars else datasets.disable_progress_bars)()
 
 
 @pytest.mark.slow
-def test_backbone_pretrained_fails_clearly_offline(small_data, presets, tmp_path):
-    result = run_script(
-        "train_classifier.py",
-        "--config", presets / "skin-dualnet-tiny.json",
-        "--dataset", "ham10000", "--data-root", small_data["ham10000"],
-        "--output-dir", tmp_path, "--val-size", "0.25", "--backbone-pretrained",
-        check=False,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "--backbone-pretrained could not download" in result.stderr and "offline" in result.stderr
+def test_bad_files_raise_names_the_file(small_data, presets, tmp_path, in_process_run):
+    with pytest.raises(ValueError) as error:
+        train_segmenter.main(
+            [
+                "--config", str(presets / "segmenter-tiny.json"),
+                "--dataset", "ham10000", "--data-root", str(small_data["ham10000"]),
+                "--output-dir", str(tmp_path), "--val-size", "0.25", "--bad-files", "raise",
+            ]
+        )  # fmt: skip
+    assert f"{small_data['corrupt']}.jpg" in str(error.value) and "truncated" in str(error.value)
+
+
+@pytest.mark.slow
+def test_backbone_pretrained_fails_clearly_offline(small_data, presets, tmp_path, in_process_run):
+    with pytest.raises(RuntimeError) as error:
+        train_classifier.main(
+            [
+                "--config", str(presets / "skin-dualnet-tiny.json"),
+                "--dataset", "ham10000", "--data-root", str(small_data["ham10000"]),
+                "--output-dir", str(tmp_path), "--val-size", "0.25", "--backbone-pretrained",
+            ]
+        )  # fmt: skip
+    message = str(error.value)
+    assert "--backbone-pretrained could not download" in message and "offline" in message
 
 
 @pytest.mark.slow
