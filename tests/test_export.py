@@ -74,15 +74,14 @@ def trained_classifier(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported_classifier(trained_classifier, tmp_path_factory):
+def exported_classifier(push_to_hub, trained_classifier, tmp_path_factory):
     model, folder, metrics_file = trained_classifier
     output = tmp_path_factory.mktemp("hub") / "skin-dualnet"
     args = [
         "--model_path", str(folder), "--output_dir", str(output), "--datasets", "HAM10000", "isic2019",
         "--metrics_file", str(metrics_file),
     ]  # fmt: skip
-    result = run_script(*args)
-    assert result.returncode == 0, result.stderr
+    assert push_to_hub.main(args) == 0
     return model, output, args
 
 
@@ -247,24 +246,31 @@ def test_exported_segmenter_loads_without_package(push_to_hub, data_root, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"HF_HUB_OFFLINE": "1"}, "offline mode is on (HF_HUB_OFFLINE=1)"),
-        (
-            {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
-            "Cannot reach the Hugging Face Hub at http://127.0.0.1:9",
-        ),
-    ],
-    ids=["offline", "unreachable-endpoint"],
-)
-def test_push_without_network_fails_clearly_and_keeps_folder(exported_classifier, tmp_path, env, message):
+def test_push_offline_fails_clearly_and_keeps_folder(exported_classifier, tmp_path):
+    """As a user meets it: a new process with HF_HUB_OFFLINE=1 in its environment."""
     _, output, args = exported_classifier
     before = folder_digest(output)
-    result = run_script(*args, "--push", "--token", "hf_not_a_real_token", env={**env, "HF_HOME": str(tmp_path)})
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = run_script(*args, "--push", "--token", "hf_not_a_real_token", env=env)
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in result.stderr
     assert f"The exported folder is intact at {output}" in result.stderr
+    assert folder_digest(output) == before
+
+
+def test_push_to_an_unreachable_hub_fails_clearly_and_keeps_folder(
+    push_to_hub, exported_classifier, monkeypatch, caplog
+):
+    """Online mode, but nothing answers at the endpoint (huggingface_hub's settings changed in this process)."""
+    import huggingface_hub
+
+    _, output, args = exported_classifier
+    before = folder_digest(output)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert push_to_hub.main([*args, "--push", "--token", "hf_not_a_real_token"]) == 2
+    assert "Cannot reach the Hugging Face Hub at http://127.0.0.1:9" in caplog.text
+    assert f"The exported folder is intact at {output}" in caplog.text
     assert folder_digest(output) == before
 
 
