@@ -91,13 +91,16 @@ def check_row_matches_result(row: dict[str, str], result: dict) -> None:
     assert json.loads(row["metadata_used"]) == result["metadata_used"]
 
 
-def test_folder_is_analysed_in_batches_and_bad_files_are_skipped(model_folder, image_folder, tmp_path):
+def test_folder_is_analysed_in_batches_and_bad_files_are_skipped(
+    predict_script, model_folder, image_folder, tmp_path, capsys, caplog
+):
     out = tmp_path / "out"
-    run = predict(image_folder, "--model", model_folder, "--out", out, "--batch-size", "2", "--age", "55")
-    assert run.returncode == 0, run.stderr
-    assert "broken.jpg" in run.stderr and "truncated" in run.stderr  # reported by name, with the reason
-    assert "notes.txt" in run.stderr
-    assert "Analysing" in run.stderr  # the progress bar
+    argv = [str(image_folder), "--model", str(model_folder), "--out", str(out), "--batch-size", "2", "--age", "55"]
+    assert predict_script.main(argv) == 0
+    printed = capsys.readouterr().err + caplog.text
+    assert "broken.jpg" in printed and "truncated" in printed  # reported by name, with the reason
+    assert "notes.txt" in printed
+    assert "Analysing" in printed  # the progress bar
     images = sorted(p for p in image_folder.iterdir() if p.suffix in (".jpg", ".png") and p.name != "broken.jpg")
     written = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert len(written) == len(images) == 5
