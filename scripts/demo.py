@@ -71,31 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=REPO_ROOT / "outputs" / "demo-model",
         help="Where the Hub-ready demo model is exported.",
     )
-    parser.add_argument(
-        "--work-dir", type=Path, default=None, help="Where the demo training runs go (default: <output-dir>-runs)."
-    )
-    parser.add_argument(
-        "--data-root", type=Path, default=SAMPLE, help="HAM10000-layout folder to train on (with --train-demo)."
-    )
-    parser.add_argument(
-        "--segmenter-epochs", type=int, default=4, help="Epochs of the demo segmenter (with --train-demo)."
-    )
-    parser.add_argument(
-        "--classifier-epochs", type=int, default=4, help="Epochs of the demo classifier (with --train-demo)."
-    )
-    parser.add_argument(
-        "--classifier-lr", type=float, default=1e-3, help="Learning rate of the demo classifier (with --train-demo)."
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="Cap on optimizer steps of each training run (quick runs and tests).",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="Batch size of both demo training runs.")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="Seed of the demo training runs (split and initialisation)."
-    )
+    training = parser.add_argument_group("demo training (with --train-demo)")
+    training.add_argument("--work-dir", type=Path, help="Where the training runs go (default: <output-dir>-runs).")
+    training.add_argument("--data-root", type=Path, default=SAMPLE, help="HAM10000-layout folder to train on.")
+    training.add_argument("--segmenter-epochs", type=int, default=4, help="Epochs of the demo segmenter.")
+    training.add_argument("--classifier-epochs", type=int, default=4, help="Epochs of the demo classifier.")
+    training.add_argument("--classifier-lr", type=float, default=1e-3, help="Learning rate of the demo classifier.")
+    training.add_argument("--max-steps", type=int, help="Cap on optimizer steps of each run (quick runs and tests).")
+    training.add_argument("--batch-size", type=int, default=16, help="Batch size of both training runs.")
+    training.add_argument("--seed", type=int, default=0, help="Seed of the training runs (split and initialisation).")
     parser.add_argument("--retrain", action="store_true", help="Train again even if a complete export exists.")
     parser.add_argument("--no-launch", action="store_true", help="Check the model loads (train/export it) only.")
     parser.add_argument("--host", default="127.0.0.1", help="Interface the Space listens on.")

@@ -23,6 +23,17 @@ DATA_ROOT = Path(os.environ.get("SKIN_DUALNET_DATA", REPO_ROOT.parent / "shared"
 LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
+def script_module(file_name: str, module_name: str):
+    """`scripts/<file_name>` loaded as the module `module_name` (its `main(argv)` is the command line without a new
+    interpreter); a name of its own, so that e.g. benchmark.py does not shadow a library called `benchmark`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_classifier(seed: int = 0, **overrides):
     """The tiny preset (`configuration/skin-dualnet-tiny.json`) with seeded random weights, in eval mode."""
     import torch

