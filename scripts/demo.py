@@ -21,7 +21,6 @@ the training software, trained on a few hundred small images: they are not a usa
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -32,12 +31,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _help import HelpFormatter  # noqa: E402
+from _model_source import REPO_ROOT, SHIPPED_MODEL, check_model_source  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
 SPACE = REPO_ROOT / "space"
 SAMPLE = SCRIPTS / "demo_data" / "ham10000-sample"
-SHIPPED_MODEL = REPO_ROOT / "checkpoints" / "skin-dualnet-small"
 SEGMENTER_PRESET = REPO_ROOT / "configuration" / "segmenter-tiny.json"
 CLASSIFIER_PRESET = REPO_ROOT / "configuration" / "skin-dualnet-tiny.json"
 DEMO_REPO_ID = "org/skin-dualnet-demo"
@@ -242,13 +240,8 @@ def train_and_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_source(model: str) -> None:
     """Fail in seconds, with one line, for a model that is neither a folder nor reachable on the Hub."""
-    # `modeling_skinlesion.hub` needs only huggingface_hub; loaded from its file, it skips the package's __init__
-    # (torch, transformers: 8+ s of imports), so a wrong id fails before any of that is paid.
-    spec = importlib.util.spec_from_file_location("skin_dualnet_hub", REPO_ROOT / "modeling_skinlesion" / "hub.py")
-    hub = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hub)
     try:
-        hub.check_model_source(model, str(SHIPPED_MODEL.relative_to(REPO_ROOT)))
+        check_model_source(model)
     except ValueError as error:
         raise SystemExit(str(error)) from None
 

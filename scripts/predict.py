@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 # Only the standard library above: `--help` and usage errors answer before torch and the package are imported.
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' helpers
+from _model_source import SHIPPED_MODEL  # noqa: E402 (standard library only)
 
 logger = logging.getLogger("predict")
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "skin-dualnet-small"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 CSV_ID_COLUMNS = ("image_id", "image", "isic_id", "file", "filename")
 # The keys of modeling_skinlesion.grad_cam_backend.LIBRARY_CAM_METHODS, the first six also the fast backend's
@@ -306,12 +307,13 @@ class SegmenterOutputs:
 
 def load_outputs(args: argparse.Namespace) -> ClassifierOutputs | SegmenterOutputs:
     """The run for the checkpoint's kind; `ValueError`/`OSError`/`ImportError` with one line when it cannot load."""
+    from _model_source import check_model_source
+
+    check_model_source(args.model)  # before the heavy imports: a wrong id fails in about a second
     from transformers import AutoConfig
 
     import modeling_skinlesion  # noqa: F401 (registers the skin-dualnet Auto classes)
-    from modeling_skinlesion.hub import check_model_source
 
-    check_model_source(args.model)
     model_type = AutoConfig.from_pretrained(args.model).model_type
     if model_type == "skinlesion_segmenter":
         return SegmenterOutputs(args)

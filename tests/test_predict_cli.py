@@ -300,3 +300,26 @@ def test_unreachable_hub_id_fails_with_one_line(predict_script, tmp_path, caplog
     errors = [record for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and "checkpoints/skin-dualnet-small" in errors[0].getMessage()
     assert len(errors[0].getMessage().splitlines()) == 1 and errors[0].exc_info is None
+
+
+@pytest.mark.parametrize("script", ["predict.py", "demo.py"])
+def test_unreachable_hub_id_fails_before_torch_is_imported(script, tmp_path):
+    """A new interpreter, as a user runs the script: the id is checked before the heavy imports, so it fails in about
+    a second (timed in the closing note of issue 13, not here); the process reports whether torch got imported."""
+    argv = [str(real_images(1)[0]), "--model", "org/no-such-model", "--out", str(tmp_path)]
+    if script == "demo.py":
+        argv = ["org/no-such-model", "--no-launch"]
+    probe = f"""
+import runpy, sys
+sys.argv = [{str(SCRIPTS / script)!r}, *{argv!r}]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    if not isinstance(exit.code, int):
+        print(exit.code, file=sys.stderr)  # what the interpreter prints for a message exit
+    print(exit.code if isinstance(exit.code, int) else 1, "torch" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    code, torch_imported = run.stdout.split()[-2:]
+    assert int(code) != 0 and torch_imported == "False", run.stdout + run.stderr
+    assert "checkpoints/skin-dualnet-small" in run.stdout + run.stderr
