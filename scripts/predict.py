@@ -36,7 +36,7 @@ from typing import Any
 
 # Only the standard library above: `--help` and usage errors answer before torch and the package are imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' helpers
-from _model_source import SHIPPED_MODEL  # noqa: E402 (standard library only)
+from _model_source import SHIPPED_MODEL, check_model_source  # noqa: E402 (standard library only)
 
 logger = logging.getLogger("predict")
 
@@ -307,9 +307,7 @@ class SegmenterOutputs:
 
 def load_outputs(args: argparse.Namespace) -> ClassifierOutputs | SegmenterOutputs:
     """The run for the checkpoint's kind; `ValueError`/`OSError`/`ImportError` with one line when it cannot load."""
-    from _model_source import check_model_source
-
-    check_model_source(args.model)  # before the heavy imports: a wrong id fails in about a second
+    check_model_source(args.model)  # before the heavy imports: a wrong id fails in about half a second
     from transformers import AutoConfig
 
     import modeling_skinlesion  # noqa: F401 (registers the skin-dualnet Auto classes)

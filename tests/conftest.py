@@ -4,6 +4,7 @@ Import the constants and builders with `from conftest import ...`; use the fixtu
 own model only when it needs something these do not give (a different preset, an option under test).
 """
 
+import logging
 import os
 from pathlib import Path
 
@@ -91,3 +92,25 @@ def saved_tiny_classifier(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("saved") / "skin-dualnet-tiny"
     save_for_hub(tiny_classifier(), folder)
     return folder
+
+
+@pytest.fixture
+def in_process_run():
+    """For a test that runs a script's `main(argv)` (or its helpers) in this process: puts back what a script sets for
+    the whole process (logging levels and handlers, the datasets progress bars, Accelerate's shared state)."""
+    import datasets
+    from accelerate.state import AcceleratorState
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)}
+    verbosity = datasets.utils.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name in list(logging.root.manager.loggerDict):
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
+    datasets.utils.logging.set_verbosity(verbosity)
+    (datasets.enable_progress_bars if bars else datasets.disable_progress_bars)()

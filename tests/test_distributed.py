@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, SCRIPTS
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+sys.path.insert(0, str(SCRIPTS))  # the scripts' helpers (`_evaluation`)
 
 
 def single_process_metrics(script: str, output_dir: Path, data_root: Path) -> dict:
@@ -24,14 +25,12 @@ def single_process_metrics(script: str, output_dir: Path, data_root: Path) -> di
     function. One thread and batches of one image, as in the job: CPU kernels may round differently otherwise (a 1e-8
     change in a probability, or a pixel flipping at the mask threshold)."""
     import torch
+    from _evaluation import image_forward, validate_classifier, validate_segmenter
     from accelerate import Accelerator
     from transformers import AutoModel
 
     from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
     from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values, load_ham10000
-
-    sys.path.insert(0, str(SCRIPTS))
-    from _evaluation import image_forward, validate_classifier, validate_segmenter
 
     ids = json.loads((output_dir / "splits.json").read_text())["validation"]
     dataset = load_ham10000(data_root, masks=True)
@@ -74,7 +73,7 @@ def assert_same_metrics(actual, expected, path: str = "") -> None:
 
 
 @pytest.mark.parametrize("script", ["segmenter", "classifier"])
-def test_two_process_cpu_job(script: str, data_root: Path, presets: Path, tmp_path: Path):
+def test_two_process_cpu_job(script: str, data_root: Path, presets: Path, tmp_path: Path, in_process_run):
     preset = presets / ("segmenter-tiny.json" if script == "segmenter" else "skin-dualnet-tiny.json")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -139,7 +139,7 @@ def make_clinic(data_root: Path, folder: Path, per_class: int = 5) -> tuple[Path
 
 @pytest.mark.slow
 def test_classification_submission_is_scored_identically_by_official_scorer(
-    saved_models, data_root, tmp_path, official_csv_parser, monkeypatch, caplog
+    saved_models, data_root, tmp_path, official_csv_parser, monkeypatch, caplog, in_process_run
 ):
     images_dir, csv = make_clinic(data_root, tmp_path / "clinic", per_class=4)
     result = evaluate_in_process(

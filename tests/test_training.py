@@ -3,7 +3,6 @@ logging), bad files, offline backbones, a run killed after a checkpoint and resu
 trained, resumed and calibrated; plus their shared command line, parsed in process."""
 
 import json
-import logging
 import math
 import os
 import signal
@@ -236,28 +235,6 @@ def test_report_to_tensorboard_logs_every_epoch(segmenter_run):
     metrics = json.loads((output / "metrics.json").read_text())
     assert [event.step for event in accumulator.Scalars("val_dice")] == [0, 1]
     assert dice == pytest.approx([epoch["validation"]["dice"] for epoch in metrics["history"]], abs=1e-6)
-
-
-@pytest.fixture
-def in_process_run():
-    """Run a training script's `main(argv)` in this process and put back what it sets for the whole process: logging
-    levels and handlers, the datasets progress bars, Accelerate's shared state."""
-    import datasets
-    from accelerate.state import AcceleratorState
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)}
-    verbosity = datasets.utils.logging.get_verbosity()
-    bars = datasets.is_progress_bar_enabled()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name in list(logging.root.manager.loggerDict):
-        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
-    datasets.utils.logging.set_verbosity(verbosity)
-    (datasets.enable_progress_bars if bars else datasets.disable_progress_bars)()
 
 
 @pytest.mark.slow
