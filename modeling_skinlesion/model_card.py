@@ -285,6 +285,99 @@ def _release_section(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _trust_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
+    """ "When not to trust it": the out-of-distribution gate and the referral operating point stored in the config,
+    with the release report's measurements when there are some (`scripts/release_report.py`)."""
+    if config.model_type != "skin_dualnet":
+        return ""
+    metrics = metrics or {}
+    lines = []
+    if config.ood_feature is not None:
+        gate = metrics.get("ood_gate") or {}
+        lines += [
+            f"**Out-of-distribution gate.** Every forward computes `ood_score`, the smallest squared Mahalanobis "
+            f"distance of the image's `{config.ood_feature}` features to a class mean (class-conditional Gaussians "
+            f"with a shared covariance, Lee et al. 2018), and "
+            f"`in_distribution = ood_score <= {config.ood_threshold:.2f}`. "
+            f"Fitted on: {config.ood_fitted_on or 'not recorded'}. When `in_distribution` is false the answer should "
+            "not be trusted: the image does not look like the dermoscopic images the model was trained on.",
+        ]
+        if gate.get("test"):
+            rows = [
+                ["test split (in distribution)", gate["test"]["images"], _percent(gate["test"]["accepted"]), "", ""]
+            ]
+            if gate.get("isic2017"):
+                isic = gate["isic2017"]
+                rows.append(
+                    ["ISIC 2017 (other centres and cameras: should pass)", isic["images"], _percent(isic["accepted"]),
+                     isic["vs_test"]["auroc"], ""]
+                )  # fmt: skip
+            if gate.get("ood_set"):
+                ood = gate["ood_set"]
+                rows.append(
+                    ["out-of-distribution set (should be refused)", ood["images"], _percent(1 - ood["refused"]),
+                     ood["vs_test"]["auroc"], ood["vs_test"]["fpr_at_95_tpr"]]
+                )  # fmt: skip
+            lines += ["", *_table(["images", "count", "accepted", "AUROC vs test", "FPR at 95 % TPR"], rows)]
+            if gate.get("ood_set"):
+                by_category = gate["ood_set"]["by_category"]
+                lines += [
+                    "",
+                    "The out-of-distribution set (`scripts/make_ood_set.py`; nothing of it was used to fit anything) "
+                    "holds what a user could upload, refused per kind: "
+                    + ", ".join(
+                        f"{name} {_percent(row['refused'])} of {row['images']}" for name, row in by_category.items()
+                    )
+                    + ". OpenOOD convention: in-distribution positive, AUROC and FPR at 95 % TPR against the test "
+                    "split.",
+                ]
+    if config.referral_threshold is not None:
+        referral = metrics.get("referral") or {}
+        lines += [
+            "",
+            f"**Referral operating point.** `malignancy_score` = the summed calibrated probability of "
+            f"{', '.join(config.malignant_labels)}; `refer = malignancy_score >= {config.referral_threshold:.4f}`, "
+            f"the threshold fixed on the {config.referral_fitted_on or 'validation split'} for sensitivity at least "
+            f"{_format(config.referral_target_sensitivity)} on malignant lesions (there: sensitivity "
+            f"{_format(config.referral_sensitivity)}, specificity {_format(config.referral_specificity)}).",
+        ]
+        test = referral.get("test")
+        if test:
+            intervals = referral.get("test_intervals_95") or {}
+
+            def shown(key: str) -> str:
+                low_high = intervals.get(key)
+                return (
+                    f"{_format(test.get(key))} [{low_high[0]:.3f}, {low_high[1]:.3f}]"
+                    if low_high
+                    else _format(test.get(key))
+                )
+
+            lines += [
+                "",
+                f"On the test split ({test['images']} images, {test['malignant_images']} malignant; 95 % "
+                f"lesion-bootstrap intervals): sensitivity {shown('sensitivity')}, specificity "
+                f"{shown('specificity')}, melanoma "
+                f"sensitivity {shown('melanoma_sensitivity')}; {_percent(test['referred'])} of the images referred.",
+            ]
+    selective = metrics.get("selective_prediction")
+    if selective:
+        lines += [
+            "",
+            f"**Selective prediction** (test split): setting aside the least confident images (lowest maximum "
+            f"probability) lowers the balanced error of the kept ones; area under the risk-coverage curve "
+            f"{_format(selective['aurc_balanced_error'])} (balanced error), {_format(selective['aurc_error'])} "
+            "(error).",
+        ]
+        if selective.get("figure"):
+            lines += ["", f"![Risk-coverage curve on the test split]({selective['figure']})"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
     if metrics and isinstance(metrics.get("per_class"), Mapping) and "subgroups" in metrics:
         return _release_section(metrics)
@@ -397,6 +490,11 @@ mask = processor.post_process_masks(logits, target_sizes=[(image.height, image.w
 """
 
 
+def _when_not_to_trust(config: Any, metrics: Mapping[str, Any] | None) -> str:
+    section = _trust_section(config, metrics)
+    return f"## When not to trust it\n\n{section}\n" if section else ""
+
+
 def render_model_card(
     config: Any,
     repo_id: str = DEFAULT_REPO_ID,
@@ -489,7 +587,7 @@ The modelling code ships with the checkpoint (`trust_remote_code=True`); the wei
 ## Evaluation
 
 {_metrics_section(metrics)}
-## Intended use
+{_when_not_to_trust(config, metrics)}## Intended use
 
 Research on automated dermoscopic image analysis: benchmarking, reproducing the paper, studying explanations
 (Grad-CAM on both branches) and fine-tuning on a clinic's own data (`scripts/finetune.py`). Outputs are to be read by

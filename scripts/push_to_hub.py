@@ -30,6 +30,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ EXIT_BAD_INPUT = 1
 EXIT_NO_NETWORK = 2
 # Files this script writes; removed first when re-exporting into the same folder, so no stale file survives.
 EXPORT_PATTERNS = ("config.json", "preprocessor_config.json", "README.md", "metrics.json", "*.safetensors")
-EXPORT_PATTERNS += ("*.safetensors.index.json",)
+EXPORT_PATTERNS += ("*.safetensors.index.json", "risk_coverage.png")
 
 
 @dataclass
@@ -306,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_file:
         # The numbers of the card, machine-readable beside it (the tests compare the card with this file).
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        # Figures the report drew (the risk-coverage curve) sit beside it; the card links them by file name.
+        figure = ((metrics or {}).get("selective_prediction") or {}).get("figure")
+        if figure and (Path(args.metrics_file).parent / figure).is_file():
+            shutil.copyfile(Path(args.metrics_file).parent / figure, output_dir / figure)
     write_model_card(
         output_dir,
         model.config,

@@ -51,7 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recipe-dir",
         help="Runs folder of scripts/train_release.sh: each stage's command and wall time go in the report.",
     )
-    parser.add_argument("--output", required=True, help="Where to write the report JSON.")
+    parser.add_argument(
+        "--previous-report",
+        help="An earlier report of the same weights (e.g. the shipped metrics.json) whose `recipe` and `training` "
+        "entries are kept when --recipe-dir / --training-metrics are not given (re-exporting with new fits).",
+    )
+    parser.add_argument("--isic2017-root", help="ISIC 2017 folder: shifted but valid images for the OOD gate.")
+    parser.add_argument("--ood-set", help="Folder of scripts/make_ood_set.py: images the OOD gate must refuse.")
+    parser.add_argument("--trust-fit", help="trust.json of scripts/fit_trust.py (what the gate and referral saw).")
+    parser.add_argument("--output", required=True, help="Where to write the report JSON (and risk_coverage.png).")
     parser.add_argument("--batch-size", type=int, default=16, help="Images per forward pass.")
     parser.add_argument("--bootstrap", type=int, default=2000, help="Lesion bootstrap resamples.")
     parser.add_argument("--min-group", type=int, default=50, help="Smallest subgroup that is scored.")
@@ -84,6 +92,151 @@ def bootstrap(
     return {key: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for key, v in values.items()}
 
 
+def _pipeline_scores(analyse: Any, files: list[Any], batch_size: int) -> list[dict[str, Any]]:
+    """`ood_score` / `in_distribution` of images (paths or PIL images) through the pipeline, without metadata."""
+    rows = []
+    for start in range(0, len(files), batch_size):
+        for result in analyse(files[start : start + batch_size], explain=False, batch_size=batch_size):
+            rows.append({"ood_score": result["ood_score"], "in_distribution": result["in_distribution"]})
+    return rows
+
+
+def risk_coverage_figure(curve: dict[str, Any], path: Path, title: str) -> None:
+    """The risk-coverage curve as a PNG (balanced error and error of the kept cases against coverage)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4), dpi=110)
+    axes.plot(
+        curve["coverage"], curve["balanced_error"], label=f"balanced error (AURC {curve['aurc_balanced_error']:.3f})"
+    )
+    axes.plot(curve["coverage"], curve["error"], label=f"error (AURC {curve['aurc_error']:.3f})")
+    axes.set_xlabel("coverage (share of test images kept, most confident first)")
+    axes.set_ylabel("risk of the kept images")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, None)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def trust_report(
+    args: argparse.Namespace,
+    analyse: Any,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    groups: list[str],
+    rows: list[dict[str, Any]],
+    names: list[str],
+) -> dict[str, Any]:
+    """The referral operating point, selective prediction and the OOD gate on the test split (and, when given, on
+    ISIC 2017 and the OOD set), all through the pipeline's results."""
+    import csv
+
+    from modeling_skinlesion.trust import ood_metrics, referral_rates, risk_coverage
+
+    config = analyse.model.config
+    fit = json.loads(Path(args.trust_fit).read_text()) if args.trust_fit else {}
+    report: dict[str, Any] = {}
+    curve = risk_coverage(probabilities, labels)
+    figure = Path(args.output).parent / "risk_coverage.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    risk_coverage_figure(curve, figure, f"Test split ({len(labels)} images), {Path(args.model).name}")
+    report["selective_prediction"] = {**curve, "confidence": "maximum calibrated probability", "figure": figure.name}
+
+    if config.referral_threshold is not None:
+        malignant = [names.index(name) for name in config.malignant_labels]
+        scores = np.array([row["malignancy_score"] for row in rows])
+        is_malignant = np.isin(labels, malignant)
+        threshold = float(config.referral_threshold)
+        mel = names.index("mel") if "mel" in names else None
+
+        def referral(p: np.ndarray, y: np.ndarray, s: np.ndarray | None = None) -> dict[str, float]:
+            s = scores if s is None else s
+            values = referral_rates(s, np.isin(y, malignant), threshold)
+            if mel is not None and (y == mel).any():
+                values["melanoma_sensitivity"] = float((s[y == mel] >= threshold).mean())
+            return values
+
+        test = referral(probabilities, labels)
+        # Resample lesions with their malignancy scores: the score column travels with the probabilities.
+        joined = np.concatenate([probabilities, scores[:, None]], 1)
+        intervals = bootstrap(
+            joined, labels, groups, lambda p, y: referral(p[:, :-1], y, p[:, -1]), args.bootstrap, args.bootstrap_seed
+        )
+        report["referral"] = {
+            "malignant_labels": list(config.malignant_labels),
+            "threshold": threshold,
+            "target_sensitivity": config.referral_target_sensitivity,
+            "validation": {
+                "sensitivity": config.referral_sensitivity,
+                "specificity": config.referral_specificity,
+                "fitted_on": config.referral_fitted_on,
+                **{k: v for k, v in (fit.get("referral") or {}).items() if k in ("images", "malignant_images")},
+            },
+            "test": {**test, "malignant_images": int(is_malignant.sum()), "images": len(labels)},
+            "test_intervals_95": intervals,
+        }
+
+    if config.ood_feature is not None:
+        test_scores = np.array([row["ood_score"] for row in rows], dtype=np.float64)
+        gate: dict[str, Any] = {
+            "method": "mahalanobis (class-conditional Gaussians, tied covariance; Lee et al. 2018)",
+            "feature": config.ood_feature,
+            "threshold": float(config.ood_threshold),
+            "fitted_on": config.ood_fitted_on,
+            "fit": fit.get("ood_gate"),
+            "test": {"images": len(test_scores), "accepted": float(np.mean([row["in_distribution"] for row in rows]))},
+        }
+        if args.isic2017_root:
+            from modeling_skinlesion.data import load_isic2017
+
+            isic = load_isic2017(args.isic2017_root, masks=False)
+            shifted = _pipeline_scores(analyse, [image.convert("RGB") for image in isic["image"]], args.batch_size)
+            accepted = [row["in_distribution"] for row in shifted]
+            gate["isic2017"] = {
+                "images": len(shifted),
+                "accepted_images": int(sum(accepted)),
+                "accepted": float(np.mean(accepted)),
+                "vs_test": ood_metrics(test_scores, [row["ood_score"] for row in shifted]),
+            }
+            logger.info("ISIC 2017: %d of %d accepted", sum(accepted), len(shifted))
+        if args.ood_set:
+            folder = Path(args.ood_set)
+            with (folder / "manifest.csv").open() as handle:
+                manifest = list(csv.DictReader(handle))
+            out = _pipeline_scores(analyse, [str(folder / row["file"]) for row in manifest], args.batch_size)
+            scores_out = np.array([row["ood_score"] for row in out])
+            refused = np.array([not row["in_distribution"] for row in out])
+            categories = sorted({row["category"] for row in manifest})
+            part = np.array([row["part"] for row in manifest])
+            category = np.array([row["category"] for row in manifest])
+            gate["ood_set"] = {
+                "images": len(out),
+                "refused": float(refused.mean()),
+                "refused_images": int(refused.sum()),
+                "vs_test": ood_metrics(test_scores, scores_out),
+                "report_part_vs_test": ood_metrics(test_scores, scores_out[part == "report"]),
+                "by_category": {
+                    name: {
+                        "images": int((category == name).sum()),
+                        "refused": float(refused[category == name].mean()),
+                        "auroc_vs_test": ood_metrics(test_scores, scores_out[category == name])["auroc"],
+                    }
+                    for name in categories
+                },
+                "built_by": "scripts/make_ood_set.py",
+            }
+            logger.info("OOD set: %d of %d refused", refused.sum(), len(out))
+        report["ood_gate"] = gate
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -107,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     label_names = test.features["label"].names
     remap = np.array([names.index(name) for name in label_names])
 
-    probabilities, labels, groups, ids, records, masks = [], [], [], [], [], []
+    probabilities, labels, groups, ids, records, masks, trust_rows = [], [], [], [], [], [], []
     for start_row in range(0, len(test), args.batch_size):
         batch = test[start_row : start_row + args.batch_size]
         inputs = [
@@ -126,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             batch["mask"],
         ):
             probabilities.append([result["probabilities"][name] for name in names])
+            trust_rows.append({key: result[key] for key in ("ood_score", "in_distribution", "malignancy_score")})
             labels.append(int(remap[label]))
             groups.append(group)
             ids.append(image_id)
@@ -205,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                         "wall_time_s": int((folder / "wall_seconds.txt").read_text().strip()),
                     }
                 )
+    trust = trust_report(args, analyse, probabilities, labels, groups, trust_rows, names)
+    previous = json.loads(Path(args.previous_report).read_text()) if args.previous_report else {}
     support = {name: int((labels == k).sum()) for k, name in enumerate(names)}
     report = {
         "task": "classification",
@@ -240,13 +396,16 @@ def main(argv: list[str] | None = None) -> int:
             key: segmentation[key] for key in ("dice", "jaccard", "thresholded_jaccard") if key in segmentation
         },
         "segmenter": segmenter,
-        "recipe": recipe,
+        **trust,
+        "recipe": recipe or previous.get("recipe", []),
         "training": {
             "wall_time_s": training.get("wall_time_s"),
             "split": training.get("split"),
             "best_epoch": (training.get("best") or {}).get("epoch"),
             "args": training.get("args"),
-        },
+        }
+        if training
+        else previous.get("training", {}),
         "report_wall_time_s": round(time.time() - start, 1),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -338,6 +338,52 @@ def _format_metadata(result: dict[str, Any], given: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REFUSAL = "This does not look like a dermoscopic image of a skin lesion: no diagnosis shown"
+
+
+def _format_assessment(result: dict[str, Any], config: Any, show_anyway: bool) -> str:
+    """The trust verdict and the referral line, as Markdown: the refusal message when the out-of-distribution gate
+    rejects the image (unless `show_anyway`), else the referral decision at the config's operating point."""
+    lines = []
+    refused = result.get("in_distribution") is False
+    score = result.get("ood_score")
+    if refused:
+        lines += [
+            f"### ⛔ {REFUSAL}.",
+            f"Out-of-distribution score {score:.1f} is above the gate's threshold {config.ood_threshold:.1f} "
+            "(set so that 95 % of held-out dermoscopic images pass). The mask and heatmaps below are still shown; "
+            "tick *Show the raw output anyway* to see the model's class probabilities regardless.",
+        ]
+        if not show_anyway:
+            return "\n".join(lines)
+        lines += ["", "⚠️ **Raw output shown on request: it should not be trusted for this image.**", ""]
+    elif score is not None:
+        lines.append(
+            f"✅ Looks like a dermoscopic image (out-of-distribution score {score:.1f} ≤ {config.ood_threshold:.1f})."
+        )
+    refer = result.get("refer")
+    if refer is not None:
+        point = (
+            f"operating point: sensitivity {config.referral_sensitivity:.2f}, specificity "
+            f"{config.referral_specificity:.2f} for malignant lesions ({', '.join(config.malignant_labels)}) on the "
+            f"validation split"
+        )
+        verdict = "🔶 **Refer for examination**" if refer else "**No referral indicated at this operating point**"
+        lines += [
+            "",
+            f"{verdict}: malignancy score {result['malignancy_score']:.3f} "
+            f"{'≥' if refer else '<'} threshold {config.referral_threshold:.3f} ({point}).",
+        ]
+    elif result.get("malignancy_score") is not None:
+        lines += ["", f"Malignancy score {result['malignancy_score']:.3f} (this model has no referral point)."]
+    return "\n".join(lines)
+
+
+def _trust_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """The gate's and the referral's fields of a result, as the API returns them."""
+    return {key: result.get(key) for key in ("ood_score", "in_distribution", "malignancy_score", "refer")}
+
+
 def _enlarged(image: Image.Image | None, side: int = DISPLAY_SIDE) -> Image.Image | None:
     """The lesion image is as small as the model input (64 px for the tiny presets); enlarge it for display only."""
     if image is None or max(image.size) >= side:
@@ -351,6 +397,7 @@ def predict(
     age: Any = None,
     sex: Any = None,
     site: Any = None,
+    show_anyway: bool = False,
     source: str | None = None,
     name: str | None = None,
 ) -> tuple:
@@ -358,9 +405,11 @@ def predict(
     form (None, blank or "unknown" = missing), passed unchanged to the pipeline's metadata parser.
 
     Returns, in the order of the page's outputs: the mask overlay, the lesion image, the Grad-CAM overlays of the
-    image and lesion branches (PIL images), the class probabilities (`{label: probability}`), the lesion-focus
-    Markdown and the metadata Markdown. Bad input raises a `gr.Error` whose message names no server path (`name` is
-    what the user calls the file; by default its file name).
+    image and lesion branches (PIL images), the class probabilities (`{label: probability}`; None when the
+    out-of-distribution gate refuses the image and `show_anyway` is off), the lesion-focus Markdown, the metadata
+    Markdown, the assessment Markdown (refusal message or referral line) and the trust fields (`ood_score`,
+    `in_distribution`, `malignancy_score`, `refer`). Bad input raises a `gr.Error` whose message names no server path
+    (`name` is what the user calls the file; by default its file name).
     """
     model = get_model(source)
     if not model.ok:
@@ -384,6 +433,8 @@ def predict(
     if not_understood:
         gr.Warning(f"Not understood, treated as missing: {', '.join(not_understood)}.")
     probabilities = {label: float(p) for label, p in result["probabilities"].items()}
+    if result.get("in_distribution") is False and not show_anyway:
+        probabilities = None  # the refusal message takes the diagnosis' place
     return (
         result["mask_overlay"],
         _enlarged(result["lesion_image"]),
@@ -392,6 +443,8 @@ def predict(
         probabilities,
         _format_focus(result),
         _format_metadata(result, metadata),
+        _format_assessment(result, model.pipeline.model.config, bool(show_anyway)),
+        _trust_fields(result),
     )
 
 
@@ -479,7 +532,11 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     site_choices = [UNKNOWN] + [s for s in model.site_choices if s != UNKNOWN]
 
     def analyse(
-        image: dict | None, age: str | float | None = None, sex: str | None = UNKNOWN, site: str | None = UNKNOWN
+        image: dict | None,
+        age: str | float | None = None,
+        sex: str | None = UNKNOWN,
+        site: str | None = UNKNOWN,
+        show_anyway: bool = False,
     ) -> tuple:
         # The event runs with `preprocess=False`: the upload arrives as gradio's file record (already checked to lie
         # in the upload folder) and is decoded only by the pipeline's reader, after `check_image` read its header.
@@ -487,7 +544,7 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
         if isinstance(image, dict):
             path = image.get("path")
             name = image.get("orig_name") or (Path(path).name if path else None)
-        outputs = predict(path, age, sex, site, source=model.source, name=name)
+        outputs = predict(path, age, sex, site, show_anyway, source=model.source, name=name)
         return (*output_files(outputs[:4]), *outputs[4:])
 
     with gr.Blocks(title="skin-dualnet research demo") as demo:
@@ -513,8 +570,14 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
                 )
                 sex = gr.Dropdown(sex_choices, value=UNKNOWN, label="Sex (optional)", elem_id="sex")
                 site = gr.Dropdown(site_choices, value=UNKNOWN, label="Anatomical site (optional)", elem_id="site")
+                show_anyway = gr.Checkbox(
+                    value=False,
+                    label="Show the raw output anyway (for images the model flags as not dermoscopic)",
+                    elem_id="show-anyway",
+                )
                 run = gr.Button("Analyse", variant="primary", elem_id="run", interactive=model.ok)
             with gr.Column(scale=2, min_width=300, elem_id="results"):
+                assessment = gr.Markdown(label="Assessment", elem_id="assessment")
                 with gr.Row():
                     probabilities = gr.Label(
                         num_top_classes=min(TOP_K, len(model.labels) or TOP_K),
@@ -531,6 +594,7 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
                 with gr.Row():
                     cam_image = _image_panel("Grad-CAM: image branch", "cam-image")
                     cam_lesion = _image_panel("Grad-CAM: lesion branch", "cam-lesion")
+                trust = gr.JSON(label="Trust and referral", elem_id="trust")
         if model.ok and examples():
             picker = gr.Examples(
                 examples(),
@@ -541,10 +605,21 @@ def build(source: str | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
             )
             picker.dataset.headers = ["Image", "Age", "Sex", "Anatomical site"]  # short: they fit a phone's width
         gr.Markdown(model_status(model), elem_id="model-info")
+        outputs = [
+            mask_overlay,
+            lesion_image,
+            cam_image,
+            cam_lesion,
+            probabilities,
+            focus,
+            metadata,
+            assessment,
+            trust,
+        ]
         run.click(
             analyse,
-            inputs=[image, age, sex, site],
-            outputs=[mask_overlay, lesion_image, cam_image, cam_lesion, probabilities, focus, metadata],
+            inputs=[image, age, sex, site, show_anyway],
+            outputs=outputs,
             api_name="predict",
             preprocess=False,
         )
