@@ -296,6 +296,14 @@ def _trust_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
         return ""
     metrics = metrics or {}
     lines = []
+    if config.ood_feature is None:
+        lines.append(
+            "**No out-of-distribution gate**: this checkpoint cannot tell a dermoscopic image from anything else "
+            "(`ood_score` and `in_distribution` are None); every image gets a diagnosis. Fit one with "
+            "`scripts/fit_trust.py`."
+        )
+    if config.referral_threshold is None:
+        lines += ["", "**No referral operating point** (`refer` is None): fit one with `scripts/fit_trust.py`."]
     if config.ood_feature is not None:
         gate = metrics.get("ood_gate") or {}
         lines += [

@@ -147,7 +147,19 @@ def build_model(
         base.config.class_weights = weights
         for key, value in uncalibrated.items():
             setattr(base.config, key, value)
+        # The out-of-distribution gate and the referral point were fitted on the checkpoint's data: kept, and marked
+        # as inherited (scripts/fit_trust.py refits them on the clinic's split), so the card and the Space say so.
+        if base.config.ood_feature is not None:
+            base.config.ood_fitted_on = f"inherited from {checkpoint}, not refitted: {base.config.ood_fitted_on}"
+        if base.config.referral_threshold is not None:
+            base.config.referral_fitted_on = (
+                f"inherited from {checkpoint}, not refitted (before fine-tuning and recalibration): "
+                f"{base.config.referral_fitted_on}"
+            )
         return base
+    # A new head: the gate's class means and the referral's malignant classes belong to the old classes; dropped.
+    uncalibrated.update(ood_feature=None, ood_threshold=None, ood_fitted_on=None, referral_threshold=None)
+    uncalibrated.update(malignant_labels=None, referral_fitted_on=None)
     model = SkinDualNet.from_pretrained(
         checkpoint,
         id2label=dict(enumerate(clinic)),

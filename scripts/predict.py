@@ -9,11 +9,14 @@ both encoders and their lesion-focus scores; or, given a segmenter checkpoint, t
 
 Both write `DIR/summary.csv`, one row per image, appended and flushed as each result arrives (an interrupted run keeps
 what it did). With a classifier (`SkinDualNet`) the row holds: file, predicted label, score, each class's probability,
-lesion focus per branch, mask empty, metadata used; and each image gets `DIR/<image stem>/` with
+lesion focus per branch, mask empty, metadata used, `ood_score`, `in_distribution` (False: not like the dermoscopic
+images the model was trained on, do not trust the diagnosis), `malignancy_score` and `refer` (the referral decision
+at the checkpoint's operating point); and each image gets `DIR/<image stem>/` with
 - `result.json`: `probabilities` (label -> probability), `predicted_label`, `score`, `target_label` (the class the
   heatmaps explain), `lesion_focus` (per branch: share of the heatmap inside the lesion mask; null for an all-zero
   heatmap), `mask_empty` (the segmenter found no lesion and the lesion branch saw the whole image), `mask_fraction`,
-  `lesion_box`, `metadata_used` / `metadata_missing` / `metadata_ignored`, and the files written;
+  `lesion_box`, `metadata_used` / `metadata_missing` / `metadata_ignored`, the four trust fields above, and the files
+  written;
 - `mask.png` (the lesion mask), `mask_overlay.png`, `lesion_image.png` (what the lesion branch saw, at the
   classifier's input size) and `heatmap_image.png` / `heatmap_lesion.png` (Grad-CAM overlays of the two branches).
 With a segmenter (`SkinLesionSegmenter`) each image gets `DIR/<image stem>_segmentation.png` (0/255 at the image's
@@ -47,6 +50,8 @@ CSV_ID_COLUMNS = ("image_id", "image", "isic_id", "file", "filename")
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcamelementwise")
 CAM_METHODS += ("eigencam", "eigengradcam", "kpcacam", "scorecam", "ablationcam", "randomcam")
 SEGMENTATION_SUFFIX = "_segmentation.png"
+# The out-of-distribution gate and the referral point (empty where the checkpoint has none).
+TRUST_COLUMNS = ("ood_score", "in_distribution", "malignancy_score", "refer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,6 +208,7 @@ class ClassifierOutputs:
         }
         self.header = ["file", "predicted_label", "score", *(f"p_{label}" for label in self.labels)]
         self.header += ["lesion_focus_image", "lesion_focus_lesion", "mask_empty", "metadata_used"]
+        self.header += list(TRUST_COLUMNS)
 
     def analyse(self, paths: list[Path], images: list[Any]) -> list[dict[str, Any]]:
         records = [metadata_record(self.args, self.rows.get(path.stem)) for path in paths]
@@ -245,6 +251,10 @@ class ClassifierOutputs:
             "metadata_used": result["metadata_used"],
             "metadata_missing": result["metadata_missing"],
             "metadata_ignored": result["metadata_ignored"],
+            "ood_score": _json_number(result["ood_score"]),
+            "in_distribution": result["in_distribution"],
+            "malignancy_score": _json_number(result["malignancy_score"]),
+            "refer": result["refer"],
             "files": files,
             "disclaimer": "Research use only; not a medical device.",
         }
@@ -254,6 +264,7 @@ class ClassifierOutputs:
             + [document["probabilities"][label] for label in self.labels]
             + [focus.get("image"), focus.get("lesion"), result["mask_empty"]]
             + [json.dumps(result["metadata_used"], sort_keys=True)]
+            + [document[key] for key in TRUST_COLUMNS]
         )
 
 

@@ -195,3 +195,42 @@ def test_bad_upload_shows_an_error_and_the_page_keeps_working(app_url, browser, 
     wait_for_image(page, "#cam-lesion img")
     expect(page.locator("#probabilities [data-testid=label-output-value]")).to_have_count(1)
     page.close()
+
+
+@pytest.fixture(scope="module")
+def shipped_url():
+    """The Space serving the shipped release checkpoint (its out-of-distribution gate and referral point)."""
+    from conftest import CHECKPOINT
+
+    app = import_space_app()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app.build(str(CHECKPOINT))
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_options()
+    )
+    yield url
+    demo.close()
+
+
+def test_non_dermoscopic_upload_is_refused_and_a_lesion_is_diagnosed(shipped_url, browser, tmp_path):
+    from PIL import Image, ImageDraw
+
+    page = open_page(browser, 1280)
+    notes = tmp_path / "notes.png"
+    picture = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(picture)
+    for row in range(12):
+        draw.text((20, 20 + 36 * row), "Meeting notes: invoice, follow-up, results pending", fill="black")
+    picture.save(notes)
+    analyse(page, shipped_url, notes)
+    expect = sync_api.expect
+    expect(page.locator("#assessment")).to_contain_text("does not look like a dermoscopic image")
+    expect(page.locator("#probabilities [data-testid=label-output-value]")).to_have_count(0)
+    page.screenshot(path=screenshot_path(tmp_path, "refused-1280.png"), full_page=True)
+
+    analyse(page, shipped_url, EXAMPLE)
+    expect(page.locator("#assessment")).to_contain_text("operating point")
+    expect(page.locator("#assessment")).not_to_contain_text("does not look like")
+    expect(page.locator("#probabilities [data-testid=label-output-value]")).to_have_count(1)

@@ -21,6 +21,7 @@ from PIL import Image
 
 EXAMPLE = SPACE / "examples" / "ISIC_0000000.jpg"
 OUTPUTS = ("mask_overlay", "lesion_image", "cam_image", "cam_lesion", "probabilities", "focus", "metadata")
+OUTPUTS += ("assessment", "trust")
 TRAINING_DATA = "HAM10000 — a randomly initialised tiny model for the Space tests."
 
 
@@ -90,7 +91,9 @@ def images(tmp_path_factory) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------------------------------
 def check_outputs(outputs: tuple, size: tuple[int, int], labels: list[str]) -> None:
     assert len(outputs) == len(OUTPUTS)
-    mask_overlay, lesion_image, cam_image, cam_lesion, probabilities, focus, metadata = outputs
+    mask_overlay, lesion_image, cam_image, cam_lesion, probabilities, focus, metadata, assessment, trust = outputs
+    assert "no out-of-distribution gate" in assessment  # the tiny test model has none
+    assert trust["in_distribution"] is None and 0.0 <= trust["malignancy_score"] <= 1.0
     for image in (mask_overlay, cam_image, cam_lesion):
         assert isinstance(image, Image.Image) and image.size == size and image.mode == "RGB"
     assert isinstance(lesion_image, Image.Image) and max(lesion_image.size) >= 256  # enlarged for display
@@ -121,7 +124,7 @@ def test_training_data_falls_back_to_the_card_front_matter(app, tmp_path):
 def test_predict_with_metadata(app, tiny_model, images):
     outputs = app.predict(str(images["rgb"]), 55, "female", "anterior torso", source=tiny_model)
     check_outputs(outputs, Image.open(images["rgb"]).size, app.get_model(tiny_model).labels)
-    metadata = outputs[-1]
+    metadata = outputs[6]
     assert "| age | 55 |" in metadata and "| sex | female |" in metadata and "| site | anterior torso |" in metadata
     assert "missing" not in metadata
 
@@ -129,10 +132,10 @@ def test_predict_with_metadata(app, tiny_model, images):
 def test_predict_without_metadata_reports_missing_fields(app, tiny_model, images):
     outputs = app.predict(str(images["rgb"]), None, "unknown", "", source=tiny_model)
     for field in ("age", "sex", "site"):
-        assert f"| {field} | missing (treated as unknown) |" in outputs[-1]
+        assert f"| {field} | missing (treated as unknown) |" in outputs[6]
     # An untouched age box is missing, not age 0: the same image with age 0 given gives other probabilities.
     with_zero = app.predict(str(images["rgb"]), 0, "unknown", "", source=tiny_model)
-    assert "| age | 0 |" in with_zero[-1]
+    assert "| age | 0 |" in with_zero[6]
     assert outputs[4] != pytest.approx(with_zero[4], abs=1e-6)
 
 
@@ -140,7 +143,7 @@ def test_predict_without_metadata_reports_missing_fields(app, tiny_model, images
 def test_predict_says_which_metadata_it_could_not_read(app, tiny_model, images, age, sex, site):
     """The pipeline parses the raw fields (out-of-range ages and unknown strings fall back to missing); the page says
     which entries it did not understand instead of silently dropping them."""
-    metadata = app.predict(str(images["rgb"]), age, sex, site, source=tiny_model)[-1]
+    metadata = app.predict(str(images["rgb"]), age, sex, site, source=tiny_model)[6]
     for name, value in (("age", age), ("sex", sex), ("site", site)):
         if value is not None:
             assert f"| {name} | missing ({value!r} not understood, treated as unknown) |" in metadata
@@ -331,6 +334,7 @@ def check_remote_outputs(result: tuple, labels: list[str]) -> None:
     assert label["label"] in labels
     assert {c["label"] for c in label["confidences"]} <= set(labels)
     assert "lesion focus" in result[5] and "Metadata used" in result[6]
+    assert set(result[8]) == {"ood_score", "in_distribution", "malignancy_score", "refer"}
 
 
 def test_api_names_every_input_and_output(server):
@@ -338,7 +342,7 @@ def test_api_names_every_input_and_output(server):
     default of "missing"."""
     info = client_for(server).view_api(print_info=False, return_format="dict")["named_endpoints"]["/predict"]
     parameters = {p["parameter_name"]: p for p in info["parameters"]}
-    assert list(parameters) == ["image", "age", "sex", "site"]
+    assert list(parameters) == ["image", "age", "sex", "site", "show_anyway"]
     assert parameters["image"]["parameter_has_default"] is False
     assert parameters["age"]["parameter_has_default"] and parameters["age"]["parameter_default"] is None
     returns = [r["label"] for r in info["returns"]]
@@ -350,6 +354,8 @@ def test_api_names_every_input_and_output(server):
         "Class probabilities",
         "Lesion focus",
         "Metadata used",
+        "Assessment",
+        "Trust and referral",
     ]
     assert not any(re.fullmatch(r"(value|parameter)_\d+", name) for name in [*returns, *parameters])
 
@@ -516,3 +522,30 @@ def test_space_requirements_cover_the_imports_of_the_app_and_the_model_code(tiny
     third_party = {distributions.get(name, name).lower() for name in imported - standard - local}
     assert third_party <= pinned, f"space/requirements.txt lacks {sorted(third_party - pinned)}"
     assert "torch==2.14.1" in requirements and "gradio==6.31.0" in requirements
+
+
+def test_shipped_checkpoint_refuses_a_non_dermoscopic_image_and_refers_by_its_operating_point(app, tmp_path):
+    """The release checkpoint's gate in the Space: a page of text gets the refusal message in place of the diagnosis
+    (mask and heatmaps stay; the diagnosis shows on request), a dermoscopic example gets the referral line."""
+    from conftest import CHECKPOINT
+    from matplotlib import font_manager
+    from PIL import ImageDraw, ImageFont
+
+    notes = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(notes)
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 22)
+    for row in range(12):
+        draw.text((20, 20 + 36 * row), "Meeting notes: invoice, follow-up, results pending", fill="black", font=font)
+    notes.save(tmp_path / "notes.png")
+    source = str(CHECKPOINT)
+    refused = app.predict(str(tmp_path / "notes.png"), source=source)
+    assert refused[4] is None and app.REFUSAL in refused[7]
+    assert refused[8]["in_distribution"] is False and refused[8]["ood_score"] > 0
+    assert all(isinstance(image, Image.Image) for image in refused[:4])
+    shown = app.predict(str(tmp_path / "notes.png"), show_anyway=True, source=source)
+    assert set(shown[4]) == set(LABELS) and "should not be trusted" in shown[7]
+    lesion = app.predict(str(EXAMPLE), 55, "female", "anterior torso", source=source)
+    assert lesion[8]["in_distribution"] is True and set(lesion[4]) == set(LABELS)
+    config = app.get_model(source).pipeline.model.config
+    expected = "Refer for examination" if lesion[8]["refer"] else "No referral indicated at this operating point"
+    assert expected in lesion[7] and f"sensitivity {config.referral_sensitivity:.2f}" in lesion[7]
