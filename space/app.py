@@ -358,7 +358,9 @@ def _format_assessment(result: dict[str, Any], config: Any, show_anyway: bool) -
             return "\n".join(lines)
         lines += ["", "⚠️ **Raw output shown on request: it should not be trusted for this image.**", ""]
     elif score is None:
-        lines.append("ℹ️ This model has no out-of-distribution gate: it cannot tell whether this is a dermoscopic image.")
+        lines.append(
+            "ℹ️ This model has no out-of-distribution gate: it cannot tell whether this is a dermoscopic image."
+        )
     else:
         lines.append(
             f"✅ Looks like a dermoscopic image (out-of-distribution score {score:.1f} ≤ {config.ood_threshold:.1f})."
