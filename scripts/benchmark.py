@@ -255,6 +255,42 @@ def measure_dataloader(root: Path, processor, images: int, workers: int) -> floa
     return seen / (time.perf_counter() - start)
 
 
+def trust_overhead(args: argparse.Namespace, analyse, file: Path, record: dict, device) -> dict[str, float]:
+    """What the out-of-distribution gate and the referral point cost an explained prediction: the same checkpoint
+    with and without them (a second copy with the gate, the malignant classes and the threshold removed), timed
+    round-robin; `ood_overhead_ratio` = with / without - 1. Also the gate + referral arithmetic alone on one image."""
+    from transformers import pipeline
+
+    bare = pipeline("skin-lesion-analysis", model=str(args.checkpoint), trust_remote_code=True, device=device)
+    bare.model.ood_gate = None
+    bare.model.config.referral_threshold = None
+    bare.model.config.malignant_labels = []
+    timings = time_interleaved(
+        {
+            "explained_with_trust_ms": lambda: analyse(str(file), metadata=record),
+            "explained_without_trust_ms": lambda: bare(str(file), metadata=record),
+        },
+        device,
+        args.repeats,
+        args.warmup,
+    )
+    gate = analyse.model.ood_gate
+    features = torch.randn(1, gate.means.shape[1], device=device) if gate is not None else None
+    logits = torch.randn(1, analyse.model.config.num_labels, device=device)
+    malignant = [analyse.model.config.label2id[name] for name in analyse.model.config.malignant_labels]
+
+    def arithmetic() -> tuple:
+        trusted = gate(features) <= analyse.model.config.ood_threshold if gate is not None else None
+        return trusted, logits.softmax(-1)[:, malignant].sum(-1) >= (analyse.model.config.referral_threshold or 0.0)
+
+    timings["trust_arithmetic_ms"] = time_ms(arithmetic, device, 200, 10)
+    timings["ood_overhead_ratio"] = timings["explained_with_trust_ms"] / timings["explained_without_trust_ms"] - 1
+    timings["trust_arithmetic_share_of_explained"] = (
+        timings["trust_arithmetic_ms"] / timings["explained_with_trust_ms"]
+    )
+    return timings
+
+
 def benchmark_checkpoint(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
     """End-to-end latency and throughput of a trained checkpoint through the analysis pipeline, from image files."""
     import torch
@@ -289,6 +325,8 @@ def benchmark_checkpoint(args: argparse.Namespace, device: torch.device) -> dict
             args.warmup,
         )
     )
+    if analyse.model.ood_gate is not None or analyse.model.config.referral_threshold is not None:
+        results.update(trust_overhead(args, analyse, files[0], record, device))
     for explain in (True, False):
         inputs = [{"image": str(path), "metadata": record} for path in files]
         analyse(inputs[:2], explain=explain, batch_size=8)  # warm-up

@@ -8,6 +8,7 @@
 #     segmenter   Deep-UNet on HAM10000 masks + ISIC 2017 pairs; the classifier's validation/test lesions held out
 #     classifier  dual encoder + metadata, frozen-stage cached features, logit-adjusted loss
 #     calibrate   post-hoc logit adjustment and temperature fitted on the validation split, stored in the config
+#     trust       out-of-distribution gate (train split statistics, validation threshold) and referral point
 #     evaluate    segmenter test split (all, and its ISIC 2017 part) with scripts/evaluate_model.py
 #     export      Hub-ready folder, test report through the analysis pipeline, model card -> $RELEASE
 #
@@ -17,9 +18,9 @@
 # Python: $PYTHON, else the active virtual environment's, else .venv/bin/python, else python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALL="weights splits segmenter classifier calibrate evaluate export"
+ALL="weights splits segmenter classifier calibrate trust evaluate export"
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 for stage in "$@"; do
@@ -92,6 +93,13 @@ if [[ " $STAGES " == *" calibrate "* ]]; then
         --splits-file "$RUNS/classifier/splits.json" --tune-logit-bias
 fi
 
+if [[ " $STAGES " == *" trust "* ]]; then
+    # Mahalanobis gate on the fused embeddings, 99 % of the validation split accepted; referral at sensitivity 0.90.
+    run trust "$PY" scripts/fit_trust.py --model "$RUNS/classifier" "${HAM[@]}" \
+        --splits-file "$RUNS/classifier/splits.json" --accept-rate 0.99 --sensitivity 0.90 --output "$RUNS/trusted"
+    run ood-set "$PY" scripts/make_ood_set.py --output "$RUNS/ood-set"
+fi
+
 if [[ " $STAGES " == *" evaluate "* ]]; then
     run eval-segmenter "$PY" scripts/evaluate_model.py --model "$RUNS/segmenter" "${HAM[@]}" "${ISIC17[@]}" \
         --split test --splits-file "$RUNS/segmenter/splits.json" --output-dir "$RUNS/eval-segmenter"
@@ -101,13 +109,14 @@ fi
 
 if [[ " $STAGES " == *" export "* ]]; then
     # Export (float16 storage), score the export through the analysis pipeline, then write the card from that report.
-    run export "$PY" scripts/push_to_hub.py --model-path "$RUNS/classifier" --output-dir "$RELEASE" \
+    run export "$PY" scripts/push_to_hub.py --model-path "$RUNS/trusted" --output-dir "$RELEASE" \
         --datasets ham10000 isic2017 --storage-dtype float16 --overwrite
     run report "$PY" scripts/release_report.py --model "$RELEASE" --data-root "$DATA/ham10000" \
         --splits-file "$RUNS/classifier/splits.json" --training-metrics "$RUNS/classifier/metrics.json" \
         --segmenter-metrics "HAM10000 + ISIC 2017 test=$RUNS/eval-segmenter/metrics.json" \
         --segmenter-metrics "ISIC 2017 part of it=$RUNS/eval-segmenter-isic2017/metrics.json" \
-        --recipe-dir "$RUNS" --output "$RUNS/report/metrics.json"
-    run card "$PY" scripts/push_to_hub.py --model-path "$RUNS/classifier" --output-dir "$RELEASE" \
+        --recipe-dir "$RUNS" --isic2017-root "$DATA/isic2017" --ood-set "$RUNS/ood-set" \
+        --trust-fit "$RUNS/trusted/trust.json" --output "$RUNS/report/metrics.json"
+    run card "$PY" scripts/push_to_hub.py --model-path "$RUNS/trusted" --output-dir "$RELEASE" \
         --datasets ham10000 isic2017 --storage-dtype float16 --metrics-file "$RUNS/report/metrics.json" --overwrite
 fi

@@ -107,5 +107,10 @@ def test_benchmark_times_the_shipped_checkpoint_end_to_end(benchmark, data_root,
     results = json.loads(out.read_text())
     for key in ("end_to_end_explained_ms", "end_to_end_plain_ms", "throughput_explained_ips", "throughput_plain_ips"):
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    for key in ("explained_with_trust_ms", "explained_without_trust_ms", "trust_arithmetic_ms"):
+        assert math.isfinite(results[key]) and results[key] > 0, key  # the shipped checkpoint has a gate
+    assert results["ood_overhead_ratio"] == pytest.approx(
+        results["explained_with_trust_ms"] / results["explained_without_trust_ms"] - 1
+    )
     config = json.loads((CHECKPOINT / "config.json").read_text())
     assert results["throughput_images"] == 2 and results["image_size"] == config["image_size"]

@@ -41,19 +41,23 @@ sync_api.expect.set_options(timeout=TIMEOUT_MS)
 IMAGE_PANELS = ("#mask-overlay", "#lesion-image", "#cam-image", "#cam-lesion")
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory, saved_tiny_classifier):
+def serve(model: str):
+    """The Space serving `model` on a free local port: yields its URL, closes it after."""
     app = import_space_app()
-    model = space_model(tmp_path_factory.mktemp("browser") / "model", saved_tiny_classifier)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    demo = app.build(str(model))
+    demo = app.build(model)
     _, url, _ = demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_options()
     )
     yield url
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, saved_tiny_classifier):
+    yield from serve(str(space_model(tmp_path_factory.mktemp("browser") / "model", saved_tiny_classifier)))
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +206,7 @@ def shipped_url():
     """The Space serving the shipped release checkpoint (its out-of-distribution gate and referral point)."""
     from conftest import CHECKPOINT
 
-    app = import_space_app()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo = app.build(str(CHECKPOINT))
-    _, url, _ = demo.launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_options()
-    )
-    yield url
-    demo.close()
+    yield from serve(str(CHECKPOINT))
 
 
 def test_non_dermoscopic_upload_is_refused_and_a_lesion_is_diagnosed(shipped_url, browser, tmp_path):
