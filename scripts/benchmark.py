@@ -259,6 +259,7 @@ def trust_overhead(args: argparse.Namespace, analyse, file: Path, record: dict, 
     """What the out-of-distribution gate and the referral point cost an explained prediction: the same checkpoint
     with and without them (a second copy with the gate, the malignant classes and the threshold removed), timed
     round-robin; `ood_overhead_ratio` = with / without - 1. Also the gate + referral arithmetic alone on one image."""
+    import torch
     from transformers import pipeline
 
     bare = pipeline("skin-lesion-analysis", model=str(args.checkpoint), trust_remote_code=True, device=device)

@@ -82,6 +82,9 @@ def screenshot_path(tmp_path, name: str) -> str:
 
 def wait_for_image(page, selector: str) -> None:
     image = page.locator(selector)
+    image.wait_for(state="attached")
+    # Output images load lazily, only once near the viewport: on a phone the last panels sit far below it.
+    page.eval_on_selector(selector, "el => el.scrollIntoView({block: 'center'})")
     image.wait_for()
     # Output images load lazily; wait until the pixels are there, not just the element.
     page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=image.element_handle())

@@ -10,6 +10,10 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 LESION_MODES = ("mask", "crop", "mask_crop")
 HAM10000_LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+# Malignant diagnoses of HAM10000 (akiec: actinic keratosis / intraepithelial carcinoma) and ISIC 2019 (AK, SCC); a
+# config's `malignant_labels` defaults to those among its labels.
+MALIGNANT_LABELS = ("mel", "bcc", "akiec", "MEL", "BCC", "AK", "SCC")
+OOD_FEATURES = ("fused", "trunk")
 
 # Canonical site vocabulary: ISIC 2019's `anatom_site_general` values plus "torso" for HAM10000's "trunk",
 # which does not say anterior or posterior. Index 0 is always the "unknown" (missing) token.
@@ -216,6 +220,27 @@ class SkinDualNetConfig(PreTrainedConfig):
         DenseNet).
     segmenter_config (`dict` or [`SkinLesionSegmenterConfig`], *optional*):
         Configuration of the nested segmenter.
+    ood_feature (`str`, *optional*):
+        The out-of-distribution gate's feature (`"fused"`: the pooled image and lesion embeddings after the fusion;
+        `"trunk"`: the trunks' last feature maps, mean-pooled); `None` = no gate (the outputs' `ood_score` and
+        `in_distribution` are `None`). Its class means and whitening matrix are the model's `ood_means` /
+        `ood_whitening` buffers, fitted by `modeling_skinlesion.trust.fit_ood_gate`.
+    ood_threshold (`float`, *optional*):
+        Images whose `ood_score` (smallest squared Mahalanobis distance to a class mean) exceeds it are flagged
+        out of distribution.
+    ood_fitted_on (`str`, *optional*):
+        What the gate was fitted on, in words (training split for the statistics, validation split for the threshold,
+        the accepted share), shown by the model card; `"inherited: ..."` when a fine-tuned model kept its base's.
+    malignant_labels (`list[str]`, *optional*):
+        Classes whose calibrated probabilities add up to the `malignancy_score`; default: those of `mel`, `bcc`,
+        `akiec` (HAM10000) or `MEL`, `BCC`, `AK`, `SCC` (ISIC 2019) among the labels.
+    referral_threshold (`float`, *optional*):
+        "Refer for examination" when the malignancy score is at least this; `None` = no referral point.
+    referral_target_sensitivity, referral_sensitivity, referral_specificity (`float`, *optional*):
+        The sensitivity the threshold was fixed for, and the sensitivity / specificity it gave on malignant vs benign
+        cases of the split it was fixed on (`referral_fitted_on`).
+    referral_fitted_on (`str`, *optional*):
+        Where the referral threshold was fixed, in words; `"inherited: ..."` for a fine-tuned model that kept it.
     """
 
     model_type = "skin_dualnet"
@@ -257,6 +282,15 @@ class SkinDualNetConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = tuple(IMAGENET_MEAN)
     image_std: list[float] | tuple[float, ...] = tuple(IMAGENET_STD)
     segmenter_config: dict | PreTrainedConfig | None = None
+    ood_feature: str | None = None
+    ood_threshold: float | int | None = None
+    ood_fitted_on: str | None = None
+    malignant_labels: list[str] | None = None
+    referral_threshold: float | int | None = None
+    referral_target_sensitivity: float | int | None = None
+    referral_sensitivity: float | int | None = None
+    referral_specificity: float | int | None = None
+    referral_fitted_on: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:
@@ -264,6 +298,10 @@ class SkinDualNetConfig(PreTrainedConfig):
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.label2id = {v: k for k, v in self.id2label.items()}
+        if self.malignant_labels is None and self.id2label is not None:
+            self.malignant_labels = [name for name in self.id2label.values() if name in MALIGNANT_LABELS]
+        elif self.malignant_labels is not None:
+            self.malignant_labels = list(self.malignant_labels)
         self.sex_vocab = list(self.sex_vocab) if self.sex_vocab is not None else list(SEX_VOCAB)
         self.site_vocab = list(self.site_vocab) if self.site_vocab is not None else list(SITE_VOCAB)
         self.sex_synonyms = dict(self.sex_synonyms) if self.sex_synonyms is not None else dict(SEX_SYNONYMS)
@@ -326,6 +364,18 @@ class SkinDualNetConfig(PreTrainedConfig):
             raise ValueError(f"`min_lesion_fraction` must lie in [0, 1), got {self.min_lesion_fraction}.")
         if self.lesion_margin < 0:
             raise ValueError(f"`lesion_margin` must be non-negative, got {self.lesion_margin}.")
+        if self.ood_feature is not None and self.ood_feature not in OOD_FEATURES:
+            raise ValueError(f"`ood_feature` must be one of {OOD_FEATURES} or None, got {self.ood_feature!r}.")
+        if self.ood_feature is not None and self.ood_threshold is None:
+            raise ValueError("`ood_threshold` must be set when `ood_feature` is (fit the gate with `fit_ood_gate`).")
+        unknown = sorted(set(self.malignant_labels or []) - set((self.id2label or {}).values()))
+        if unknown:
+            raise ValueError(
+                f"`malignant_labels` {unknown} are not labels of the model; its labels are "
+                f"{list((self.id2label or {}).values())}."
+            )
+        if self.referral_threshold is not None and not self.malignant_labels:
+            raise ValueError("`referral_threshold` needs `malignant_labels` (none of the labels is malignant).")
 
     def label_to_id(self, label: str | int) -> int:
         """Class index of a label name (or a checked index); a `ValueError` lists the valid labels."""

@@ -61,6 +61,17 @@ class SkinDualNetOutput(ModelOutput):
         `(batch_size, channels_i, h_i, w_i)`.
     fusion_hidden_states (`tuple[torch.Tensor]`, *optional*, returned when `output_hidden_states=True`):
         Per fusion layer, the lesion then the image tokens after it, each `(batch_size, tokens, fusion_dim)`.
+    ood_score (`torch.Tensor` of shape `(batch_size,)`, *optional*, returned when the config has a fitted gate):
+        Out-of-distribution score: the smallest squared Mahalanobis distance of the image's features to a class mean
+        of the training split (higher = less like the training images).
+    in_distribution (`torch.BoolTensor` of shape `(batch_size,)`, *optional*, returned with `ood_score`):
+        `ood_score <= config.ood_threshold`; `False` means the answer should not be trusted (not a dermoscopic image
+        like those the model was trained on).
+    malignancy_score (`torch.Tensor` of shape `(batch_size,)`, *optional*, returned when the config names malignant
+        classes):
+        Sum of the calibrated probabilities of `config.malignant_labels`.
+    refer (`torch.BoolTensor` of shape `(batch_size,)`, *optional*, returned when the config has a referral point):
+        `malignancy_score >= config.referral_threshold` (the operating point of `config.referral_sensitivity`).
     """
 
     loss: torch.Tensor | None = None
@@ -77,6 +88,45 @@ class SkinDualNetOutput(ModelOutput):
     image_hidden_states: tuple[torch.Tensor, ...] | None = None
     lesion_hidden_states: tuple[torch.Tensor, ...] | None = None
     fusion_hidden_states: tuple[torch.Tensor, ...] | None = None
+    ood_score: torch.Tensor | None = None
+    in_distribution: torch.Tensor | None = None
+    malignancy_score: torch.Tensor | None = None
+    refer: torch.Tensor | None = None
+
+
+def energy_score(logits: torch.Tensor) -> torch.Tensor:
+    """Negative free energy, `-logsumexp(logits)` `(batch_size,)` (Liu et al., 2020): higher = more out of
+    distribution."""
+    return -torch.logsumexp(logits.float(), dim=-1)
+
+
+def mahalanobis_score(features: torch.Tensor, means: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """Smallest squared Mahalanobis distance of `features` `(batch_size, dim)` to the class means `(num_classes, dim)`
+    under a tied covariance given by its `whitening` `(dim, dim)` (`whitening @ whitening.T` = inverse covariance):
+    `(batch_size,)`, higher = more out of distribution (Lee et al., 2018)."""
+    projected = features.float() @ whitening.float()  # (batch, dim)
+    centres = means.float() @ whitening.float()  # (classes, dim)
+    return torch.cdist(projected, centres).square().amin(dim=1)
+
+
+class SkinDualNetOODGate(nn.Module):
+    """Class-conditional Gaussians with a tied covariance on the classifier's features (Lee et al., 2018): the class
+    means `(num_labels, dim)` and the covariance's whitening matrix `(dim, dim)` are buffers saved with the weights,
+    fitted on the training split by `modeling_skinlesion.trust.fit_ood_gate`. Before fitting (or when a checkpoint
+    lacks them) they are NaN, so every score is NaN and no image counts as in distribution."""
+
+    def __init__(self, num_labels: int, dim: int):
+        super().__init__()
+        self.register_buffer("means", torch.full((num_labels, dim), float("nan")))
+        self.register_buffer("whitening", torch.full((dim, dim), float("nan")))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`ood_score` `(batch_size,)` of features `(batch_size, dim)`."""
+        if features.shape[-1] != self.means.shape[-1]:
+            raise ValueError(
+                f"The OOD gate was fitted on {self.means.shape[-1]}-dimensional features, got {features.shape[-1]}."
+            )
+        return mahalanobis_score(features.detach(), self.means, self.whitening)
 
 
 class SkinDualNetImageEncoder(nn.Module):
@@ -203,7 +253,38 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             nn.Dropout(config.classifier_dropout),
             nn.Linear(config.classifier_hidden_size, config.num_labels),
         )
+        self.ood_gate = None
+        if config.ood_feature is not None:
+            self.ood_gate = SkinDualNetOODGate(config.num_labels, self.ood_feature_dim(config.ood_feature))
         self.post_init()
+
+    def ood_feature_dim(self, feature: str = "fused") -> int:
+        """Width of the gate's features: the pooled image (and lesion) embeddings for `"fused"`."""
+        if feature != "fused":
+            raise ValueError(f"Unknown `ood_feature` {feature!r}; this model computes 'fused'.")
+        return self.config.fusion_dim * (2 if self.config.use_lesion_branch else 1)
+
+    def set_ood_gate(
+        self,
+        means: torch.Tensor,
+        whitening: torch.Tensor,
+        threshold: float,
+        feature: str = "fused",
+        fitted_on: str = "",
+    ) -> None:
+        """Install fitted gate statistics (`modeling_skinlesion.trust.fit_ood_gate` calls this) and its threshold."""
+        dim = self.ood_feature_dim(feature)
+        if tuple(means.shape) != (self.config.num_labels, dim) or tuple(whitening.shape) != (dim, dim):
+            raise ValueError(
+                f"Gate statistics must be means ({self.config.num_labels}, {dim}) and whitening ({dim}, {dim}), got "
+                f"{tuple(means.shape)} and {tuple(whitening.shape)}."
+            )
+        device = self.classifier[-1].weight.device
+        self.ood_gate = SkinDualNetOODGate(self.config.num_labels, dim).to(device)
+        self.ood_gate.means.copy_(means)
+        self.ood_gate.whitening.copy_(whitening)
+        self.config.ood_feature, self.config.ood_threshold = feature, float(threshold)
+        self.config.ood_fitted_on = fitted_on or None
 
     @property
     def lesion_branch(self) -> SkinDualNetImageEncoder | None:
@@ -220,6 +301,10 @@ class SkinDualNet(SkinLesionPreTrainedModel):
         elif isinstance(module, SkinDualNetMetadataEncoder):
             for parameter in (module.cls_token, module.age_missing, module.field_embeddings):
                 nn.init.trunc_normal_(parameter, std=0.02)
+        elif isinstance(module, SkinDualNetOODGate):
+            # Statistics a checkpoint lacks are unknown, not zero: NaN scores flag every image as not trusted.
+            module.means.fill_(float("nan"))
+            module.whitening.fill_(float("nan"))
 
     def load_pretrained_backbones(self) -> None:
         """Load ImageNet weights into every timm trunk, the segmenter's included (needs the Hub)."""
@@ -406,6 +491,18 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             logits = logits + logits.new_tensor(self.config.logit_bias)
         if self.config.temperature != 1.0:
             logits = logits / self.config.temperature
+        ood_score = in_distribution = None
+        if self.ood_gate is not None:
+            ood_score = self.ood_gate(
+                torch.cat([image_embeds] + ([lesion_embeds] if lesion_embeds is not None else []), -1)
+            )
+            in_distribution = ood_score <= self.config.ood_threshold  # NaN (an unfitted gate) counts as out
+        malignancy_score = refer = None
+        if self.config.malignant_labels:
+            malignant = [self.config.label2id[name] for name in self.config.malignant_labels]
+            malignancy_score = logits.detach().float().softmax(-1)[:, malignant].sum(-1)
+            if self.config.referral_threshold is not None:
+                refer = malignancy_score >= self.config.referral_threshold
         return SkinDualNetOutput(
             loss=loss,
             logits=logits,
@@ -415,6 +512,10 @@ class SkinDualNet(SkinLesionPreTrainedModel):
             cross_attentions=cross_attentions if output_attentions else None,
             attentions=metadata_attentions if output_attentions and self.metadata_encoder is not None else None,
             fusion_hidden_states=fusion_states if output_hidden_states else None,
+            ood_score=ood_score,
+            in_distribution=in_distribution,
+            malignancy_score=malignancy_score,
+            refer=refer,
         )
 
 
@@ -424,5 +525,8 @@ __all__ = [
     "SkinLesionPreTrainedModel",
     "SkinLesionSegmenter",
     "SkinDualNet",
+    "SkinDualNetOODGate",
     "build_lesion_image",
+    "energy_score",
+    "mahalanobis_score",
 ]

@@ -51,6 +51,8 @@ TASK = "skin-lesion-analysis"
 METADATA_FIELDS = ("age", "sex", "site")
 INPUT_KEYS = ("image", "metadata", "target_class")
 METADATA_KEYS = ("age", "sex_ids", "site_ids")
+# The model's trust outputs, passed through to every result (None where the checkpoint has no gate / referral point).
+TRUST_KEYS = ("ood_score", "in_distribution", "malignancy_score", "refer")
 
 
 @dataclass
@@ -367,6 +369,7 @@ class SkinLesionAnalysisPipeline(Pipeline):
         def detached(value: torch.Tensor | None) -> torch.Tensor | None:
             return value.detach().float() if value is not None else None
 
+        trust = {key: getattr(outputs, key, None) for key in TRUST_KEYS}
         mask_empty = outputs.mask_empty
         if mask_empty is None:  # no lesion branch: flag it by the same rule the lesion branch uses
             mask_empty = lesion_mask.flatten(1).mean(1) < model.config.min_lesion_fraction
@@ -378,6 +381,7 @@ class SkinLesionAnalysisPipeline(Pipeline):
             "lesion_pixel_values": detached(outputs.lesion_pixel_values),
             "lesion_boxes": detached(outputs.lesion_boxes),
             **{f"heatmap_{branch}": maps.detach().float() for branch, maps in heatmaps.items()},
+            **{key: value.detach() for key, value in trust.items() if value is not None},
             "original": model_inputs["original"],
         }
 
@@ -393,7 +397,13 @@ class SkinLesionAnalysisPipeline(Pipeline):
           original size, and PIL overlays), `lesion_focus` (per branch: share of heatmap mass inside the mask;
           NaN for an all-zero heatmap); empty dicts without `explain`;
         - `metadata_used` (the fields the model used, as parsed), `metadata_missing` (fields not given or not
-          understood), `metadata_ignored` (fields given to a model without a metadata branch).
+          understood), `metadata_ignored` (fields given to a model without a metadata branch);
+        - `ood_score` (float) and `in_distribution` (bool): the out-of-distribution gate; `False` means the image
+          does not look like the dermoscopic images the model was trained on and its diagnosis should not be trusted
+          (both None for a checkpoint without a fitted gate);
+        - `malignancy_score` (float: the summed probability of `config.malignant_labels`) and `refer` (bool: the
+          score reaches `config.referral_threshold`, the operating point of `config.referral_sensitivity`; None
+          without a referral point).
         """
         original = model_outputs["original"]  # collated into a list for `_forward`, un-batched again by transformers
         height, width = original.size
@@ -445,7 +455,16 @@ class SkinLesionAnalysisPipeline(Pipeline):
             "metadata_used": {name: parsed[name] for name in given} if use_metadata else {},
             "metadata_missing": [name for name in METADATA_FIELDS if parsed[name] is None],
             "metadata_ignored": [] if use_metadata else given,
+            "ood_score": _item(model_outputs.get("ood_score"), float),
+            "in_distribution": _item(model_outputs.get("in_distribution"), bool),
+            "malignancy_score": _item(model_outputs.get("malignancy_score"), float),
+            "refer": _item(model_outputs.get("refer"), bool),
         }
+
+
+def _item(value: torch.Tensor | None, kind: type) -> Any:
+    """One image's entry of a batched `(1,)` output as a Python `kind`, or None when the model gave none."""
+    return None if value is None else kind(value.flatten()[0].item())
 
 
 def register_pipeline() -> None:
