@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from modeling_skinlesion import SkinDualNet, SkinLesionMetadataProcessor
+from modeling_skinlesion.configuration_skinlesion import MALIGNANT_LABELS
 from modeling_skinlesion.data import column_values, load_clinic
 from modeling_skinlesion.model_card import load_metrics, training_datasets
 
@@ -159,7 +160,9 @@ def build_model(
         return base
     # A new head: the gate's class means and the referral's malignant classes belong to the old classes; dropped.
     uncalibrated.update(ood_feature=None, ood_threshold=None, ood_fitted_on=None, referral_threshold=None)
-    uncalibrated.update(malignant_labels=None, referral_fitted_on=None)
+    uncalibrated.update(
+        malignant_labels=[name for name in clinic if name in MALIGNANT_LABELS], referral_fitted_on=None
+    )
     model = SkinDualNet.from_pretrained(
         checkpoint,
         id2label=dict(enumerate(clinic)),

@@ -240,3 +240,36 @@ def test_tiny_bitmap_text_is_refused(analyse):
     """Recorded in docs/results.md: this page scores 486.9 against the threshold 491.1 (the same page in 24-px
     DejaVu Sans scores 901.6 and is refused). strict: the day the gate refuses it, this test says so."""
     assert not analyse(text_page(None), explain=False)["in_distribution"]
+
+
+def test_fine_tuning_marks_the_gate_and_referral_inherited_or_drops_them(tmp_path):
+    """scripts/_finetuning.build_model: the same classes keep the base's gate and referral point, marked "inherited"
+    (the card and the config say so); a new head drops them (their class means and malignant classes were the old
+    ones), and the card then says the model has no gate."""
+    import sys
+
+    from conftest import SCRIPTS
+
+    from modeling_skinlesion.model_card import render_model_card
+
+    sys.path.insert(0, str(SCRIPTS))
+    import _finetuning
+
+    base = gated_tiny_model()
+    fit_referral(base, np.eye(7)[[4, 5, 0, 5]] * 0.9 + 0.1 / 7, np.array([4, 5, 0, 5]), fitted_on="four cases")
+    base.save_pretrained(tmp_path / "base")
+    labels = [base.config.id2label[i] for i in range(7)]
+    same = _finetuning.build_model(str(tmp_path / "base"), base, labels, {n: [n] for n in labels}, None)
+    assert same.config.ood_fitted_on.startswith("inherited from") and same.ood_gate is not None
+    assert same.config.referral_fitted_on.startswith("inherited from")
+    assert "inherited from" in str(render_model_card(same.config))
+    other = SkinDualNet.from_pretrained(tmp_path / "base")
+    clinic = _finetuning.build_model(
+        str(tmp_path / "base"), other, ["nv", "mel"], {"nv": ["nv"], "mel": ["mel"]}, None
+    )
+    assert clinic.ood_gate is None and clinic.config.referral_threshold is None
+    assert clinic.config.malignant_labels == ["mel"]
+    with torch.inference_mode():
+        output = clinic(pixel_values=torch.randn(1, 3, 64, 64))
+    assert output.ood_score is None and output.malignancy_score is not None
+    assert "No out-of-distribution gate" in str(render_model_card(clinic.config))
