@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .configuration_skinlesion import OOD_FEATURES
 from .modeling_skinlesion import energy_score, mahalanobis_score
-
-OOD_FEATURES = ("fused", "trunk")
 
 
 def collect_outputs(

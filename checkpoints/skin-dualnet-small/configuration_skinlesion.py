@@ -13,7 +13,8 @@ HAM10000_LABELS = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 # Malignant diagnoses of HAM10000 (akiec: actinic keratosis / intraepithelial carcinoma) and ISIC 2019 (AK, SCC); a
 # config's `malignant_labels` defaults to those among its labels.
 MALIGNANT_LABELS = ("mel", "bcc", "akiec", "MEL", "BCC", "AK", "SCC")
-OOD_FEATURES = ("fused", "trunk")
+# The features the gate can be fitted on (the pooled image and lesion embeddings after the fusion).
+OOD_FEATURES = ("fused",)
 
 # Canonical site vocabulary: ISIC 2019's `anatom_site_general` values plus "torso" for HAM10000's "trunk",
 # which does not say anterior or posterior. Index 0 is always the "unknown" (missing) token.
@@ -221,8 +222,8 @@ class SkinDualNetConfig(PreTrainedConfig):
     segmenter_config (`dict` or [`SkinLesionSegmenterConfig`], *optional*):
         Configuration of the nested segmenter.
     ood_feature (`str`, *optional*):
-        The out-of-distribution gate's feature (`"fused"`: the pooled image and lesion embeddings after the fusion;
-        `"trunk"`: the trunks' last feature maps, mean-pooled); `None` = no gate (the outputs' `ood_score` and
+        The out-of-distribution gate's feature (`"fused"`: the pooled image and lesion embeddings after the fusion,
+        what scripts/compare_ood_methods.py found best); `None` = no gate (the outputs' `ood_score` and
         `in_distribution` are `None`). Its class means and whitening matrix are the model's `ood_means` /
         `ood_whitening` buffers, fitted by `modeling_skinlesion.trust.fit_ood_gate`.
     ood_threshold (`float`, *optional*):
