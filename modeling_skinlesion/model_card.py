@@ -419,6 +419,24 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> str:
             "",
             f"Before fine-tuning (the base checkpoint, its classes mapped onto these), on the same images: {scores}.",
         ]
+        if metrics.get("kept_starting_model"):
+            lines += [
+                "",
+                "No fine-tuning epoch beat the starting model on this validation split, so these weights are the "
+                "starting model's (with the classes mapped as above).",
+            ]
+    before_test, after_test = metrics.get("before_test"), metrics.get("after_test")
+    if isinstance(before_test, Mapping) and isinstance(after_test, Mapping):
+        changes = ", ".join(
+            f"{key} {_format(before_test[key])} -> {_format(after_test[key])}"
+            for key in BEFORE_KEYS
+            if _is_number(before_test.get(key)) and _is_number(after_test.get(key))
+        )
+        lines += [
+            "",
+            f"On the clinic's test split ({after_test.get('num_samples', '?')} images, which chose neither the epoch "
+            f"nor the calibration), before -> after fine-tuning: {changes}.",
+        ]
     lines += [
         "",
         "These figures come from the data named above; they do not predict performance on another clinic's "

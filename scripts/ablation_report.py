@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arguments import DataArguments, EvaluationArguments, parse_arguments, with_default  # noqa: E402
+from modeling_skinlesion.training.arguments import DataArguments, EvaluationArguments, parse_arguments, with_default  # noqa: E402
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
 COMPARISONS = (("b", "a", "dual vs single"), ("c", "b", "metadata vs none"), ("c", "d", "metadata at test")) + (
@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import logging
     import time
 
-    import _evaluation as E
-    import _training as T
     import pandas as pd
     import torch
     from datasets import Image
 
     from modeling_skinlesion import SkinLesionMetadataProcessor
     from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values
+    from modeling_skinlesion.training import evaluation as E
+    from modeling_skinlesion.training import loop as T
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.INFO)
     logger = logging.getLogger("ablation_report")

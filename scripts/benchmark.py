@@ -179,6 +179,7 @@ def measure_loading(folder: Path) -> dict[str, float]:
 import json, threading, time
 import modeling_skinlesion
 from transformers import AutoModel
+modeling_skinlesion.register()
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -297,7 +298,9 @@ def benchmark_checkpoint(args: argparse.Namespace, device: torch.device) -> dict
     import torch
     from transformers import pipeline
 
-    import modeling_skinlesion  # noqa: F401 (registers the "skin-lesion-analysis" pipeline)
+    import modeling_skinlesion
+
+    modeling_skinlesion.register()  # registers the "skin-lesion-analysis" pipeline
 
     start = time.perf_counter()
     analyse = pipeline("skin-lesion-analysis", model=str(args.checkpoint), trust_remote_code=True, device=device)

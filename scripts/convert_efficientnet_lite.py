@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.init_config is not None:
         from transformers import AutoConfig, AutoModel
 
-        import modeling_skinlesion  # noqa: F401 (registers the Auto classes)
+        import modeling_skinlesion
+
+        modeling_skinlesion.register()  # registers the Auto classes
 
         config = AutoConfig.from_pretrained(args.init_config)
         if config.encoder_name != args.timm_name:

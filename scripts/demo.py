@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _help import HelpFormatter  # noqa: E402
 from _model_source import REPO_ROOT, SHIPPED_MODEL, check_model_source  # noqa: E402
+
+from modeling_skinlesion.cli import HelpFormatter  # noqa: E402
 
 SCRIPTS = REPO_ROOT / "scripts"
 SPACE = REPO_ROOT / "space"

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arguments import DataArguments, EvaluationArguments, SplitArguments, parse_arguments  # noqa: E402
+from modeling_skinlesion.training.arguments import DataArguments, EvaluationArguments, SplitArguments, parse_arguments  # noqa: E402
 
 
 @dataclass(kw_only=True)
@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import logging
     import time
 
-    import _evaluation as E
-    import _training as T
     import datasets
     import numpy as np
 
     from modeling_skinlesion import SkinLesionMetadataProcessor, SkinLesionSegmenter
     from modeling_skinlesion.configuration_skinlesion import HAM10000_LABELS
     from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, validate_files
+    from modeling_skinlesion.training import evaluation as E
+    from modeling_skinlesion.training import loop as T
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger = logging.getLogger("evaluate_model")

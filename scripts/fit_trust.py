@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _help import HelpFormatter  # noqa: E402
+from modeling_skinlesion.cli import HelpFormatter  # noqa: E402
 
 logger = logging.getLogger("fit_trust")
 

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _help import HelpFormatter  # noqa: E402
+from modeling_skinlesion.cli import HelpFormatter  # noqa: E402
 
 PHOTOS = (
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),

@@ -16,7 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arguments import DataArguments, SplitArguments, TrainingArguments, parse_arguments, with_default  # noqa: E402
+from modeling_skinlesion.training.arguments import (  # noqa: E402
+    DataArguments,
+    SplitArguments,
+    TrainingArguments,
+    parse_arguments,
+    with_default,
+)
 
 
 @dataclass(kw_only=True)
@@ -31,8 +37,9 @@ class MakeSplitsArguments(DataArguments, SplitArguments):
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(MakeSplitsArguments, argv, description=__doc__)
 
-    import _training as T
     from accelerate import PartialState
+
+    from modeling_skinlesion.training import loop as T
 
     PartialState()  # the data helpers log through Accelerate
     dataset = T.load_sources(args, "classification")

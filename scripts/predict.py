@@ -321,7 +321,9 @@ def load_outputs(args: argparse.Namespace) -> ClassifierOutputs | SegmenterOutpu
     check_model_source(args.model)  # before the heavy imports: a wrong id fails in about half a second
     from transformers import AutoConfig
 
-    import modeling_skinlesion  # noqa: F401 (registers the skin-dualnet Auto classes)
+    import modeling_skinlesion
+
+    modeling_skinlesion.register()  # registers the skin-dualnet Auto classes
 
     model_type = AutoConfig.from_pretrained(args.model).model_type
     if model_type == "skinlesion_segmenter":

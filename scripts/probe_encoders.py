@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _help import HelpFormatter  # noqa: E402
+from modeling_skinlesion.cli import HelpFormatter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

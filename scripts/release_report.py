@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _help import HelpFormatter  # noqa: E402
+from modeling_skinlesion.cli import HelpFormatter  # noqa: E402
 
 logger = logging.getLogger(__name__)
 SCORES = ("accuracy", "balanced_accuracy", "macro_auc", "ece")
@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    import _evaluation as E
     import torch
     from transformers import pipeline
 
     from modeling_skinlesion.data import column_values, load_ham10000
+    from modeling_skinlesion.training import evaluation as E
 
     start = time.time()
     test_ids = set(json.loads(Path(args.splits_file).read_text())["test"])

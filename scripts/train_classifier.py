@@ -23,7 +23,8 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arguments import (  # noqa: E402
+from modeling_skinlesion.training.arguments import (  # noqa: E402
+    CACHED_VIEWS_HELP,
     ClassifierArguments,
     DataArguments,
     ModelArguments,
@@ -67,9 +68,7 @@ class TrainClassifierArguments(ModelArguments, ClassifierArguments, DataArgument
             "(EfficientNet-family trunks; 0 = train end to end). Makes CPU epochs several times cheaper."
         },
     )
-    cached_views: int = field(
-        default=2, metadata={"help": "With --frozen-stages: augmented views of each training image to cache."}
-    )
+    cached_views: int = field(default=2, metadata={"help": CACHED_VIEWS_HELP})
     tune_logit_bias: bool = field(
         default=False,
         metadata={
@@ -87,9 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(TrainClassifierArguments, argv, description=__doc__)
 
     # The heavy imports come after parsing, so that --help and usage errors answer at once.
-    import _evaluation as E
-    import _feature_cache as FC
-    import _training as T
     import numpy as np
     import torch
     from transformers import AutoConfig
@@ -102,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
         SkinLesionSegmenter,
     )
     from modeling_skinlesion.data import SkinLesionTransform, balanced_class_weights, class_counts, label_names
+    from modeling_skinlesion.training import evaluation as E
+    from modeling_skinlesion.training import feature_cache as FC
+    from modeling_skinlesion.training import loop as T
 
     output_dir = Path(args.output_dir)
     timer = T.Timer()

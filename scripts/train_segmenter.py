@@ -26,7 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _arguments import DataArguments, ModelArguments, SplitArguments, TrainingArguments, parse_arguments  # noqa: E402
+from modeling_skinlesion.training.arguments import (  # noqa: E402
+    DataArguments,
+    ModelArguments,
+    SplitArguments,
+    TrainingArguments,
+    parse_arguments,
+)
 
 logger = logging.getLogger("train_segmenter")  # INFO on the main process, errors elsewhere (`_training.setup_logging`)
 
@@ -47,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(SegmenterArguments, argv, description=__doc__)
 
     # The heavy imports come after parsing, so that --help and usage errors answer at once.
-    import _evaluation as E
-    import _training as T
     from transformers import AutoConfig
 
     from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionSegmenter, SkinLesionSegmenterConfig
     from modeling_skinlesion.data import SkinLesionTransform
+    from modeling_skinlesion.training import evaluation as E
+    from modeling_skinlesion.training import loop as T
 
     output_dir = Path(args.output_dir)
     timer = T.Timer()

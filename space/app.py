@@ -13,8 +13,11 @@ parser); this file only checks an upload's declared size first and lays out the 
 page; `launch()` runs only under `__main__`.
 """
 
+from __future__ import annotations  # annotations name gradio types, imported only on first use
+
 import argparse
 import csv
+import importlib
 import json
 import logging
 import math
@@ -29,9 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
 import numpy as np
 from PIL import Image
+
+
+class _OnFirstUse:
+    """A module imported on its first attribute access: gradio costs several seconds of imports, which `--help` and a
+    usage error do not need."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        module = importlib.import_module(self._name)
+        globals()["gr"] = module  # later lookups go straight to the module
+        return getattr(module, attribute)
+
+
+gr = _OnFirstUse("gradio")
 
 logger = logging.getLogger("skin_dualnet_space")
 
@@ -207,7 +225,9 @@ def load_model(source: str) -> LoadedModel:
     """Load the analysis pipeline of `source`; any failure is recorded in `.error` instead of raised, so the page can
     say what went wrong."""
     try:
-        import modeling_skinlesion  # noqa: F401  (only in a clone of the project: registers the task locally)
+        import modeling_skinlesion
+
+        modeling_skinlesion.register()  # only in a clone of the project: registers the task locally
     except ImportError:
         pass  # on a Space: everything comes from the model repo's remote code
     try:

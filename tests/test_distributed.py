@@ -25,12 +25,12 @@ def single_process_metrics(script: str, output_dir: Path, data_root: Path) -> di
     function. One thread and batches of one image, as in the job: CPU kernels may round differently otherwise (a 1e-8
     change in a probability, or a pixel flipping at the mask threshold)."""
     import torch
-    from _evaluation import image_forward, validate_classifier, validate_segmenter
     from accelerate import Accelerator
     from transformers import AutoModel
 
     from modeling_skinlesion import SkinLesionImageProcessor, SkinLesionMetadataProcessor
     from modeling_skinlesion.data import SkinLesionTransform, build_dataloader, column_values, load_ham10000
+    from modeling_skinlesion.training.evaluation import image_forward, validate_classifier, validate_segmenter
 
     ids = json.loads((output_dir / "splits.json").read_text())["validation"]
     dataset = load_ham10000(data_root, masks=True)

@@ -23,10 +23,11 @@ import modeling_skinlesion as sl
 from modeling_skinlesion.data import column_values, load_ham10000
 
 sys.path.insert(0, str(SCRIPTS))
-import _evaluation  # noqa: E402
-import _training  # noqa: E402
 import evaluate_model  # noqa: E402
-from _arguments import parse_arguments  # noqa: E402
+
+from modeling_skinlesion.training import evaluation as _evaluation  # noqa: E402
+from modeling_skinlesion.training import loop as _training  # noqa: E402
+from modeling_skinlesion.training.arguments import parse_arguments  # noqa: E402
 
 SCRIPT = SCRIPTS / "evaluate_model.py"
 SEGMENTATION_KEYS = {

@@ -23,9 +23,10 @@ from modeling_skinlesion import SkinDualNet, SkinLesionSegmenter
 from modeling_skinlesion.data import column_values, concatenate_sources, grouped_split, load_ham10000, load_isic2017
 
 sys.path.insert(0, str(SCRIPTS))
-import _arguments  # noqa: E402
 import train_classifier  # noqa: E402
 import train_segmenter  # noqa: E402
+
+from modeling_skinlesion.training import arguments as _arguments  # noqa: E402
 
 # One thread per process: on a small shared CI box, two OpenMP threads competing with other jobs make each training
 # step tens of times slower.
@@ -385,7 +386,7 @@ def test_frozen_stage_recipe_trains_resumes_and_calibrates(segmenter_run, small_
         names = [n for n in model.state_dict() if n.startswith(prefix) and n.endswith("weight")]
         differs = [not torch.equal(model.state_dict()[n], initial.state_dict()[n]) for n in names]
         assert names and (any(differs) if changed else not any(differs)), prefix
-    import _feature_cache as FC
+    from modeling_skinlesion.training import feature_cache as FC
 
     view = torch.load(output / "feature-cache" / "validation-rank0.pt", weights_only=False)["view"]
     # Validation logits of the saved model's forward (images, predicted masks) = the cached path's, after temperature.

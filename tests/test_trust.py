@@ -253,7 +253,7 @@ def test_fine_tuning_marks_the_gate_and_referral_inherited_or_drops_them(tmp_pat
     from modeling_skinlesion.model_card import render_model_card
 
     sys.path.insert(0, str(SCRIPTS))
-    import _finetuning
+    from modeling_skinlesion.training import finetuning as _finetuning
 
     base = gated_tiny_model()
     fit_referral(base, np.eye(7)[[4, 5, 0, 5]] * 0.9 + 0.1 / 7, np.array([4, 5, 0, 5]), fitted_on="four cases")

@@ -7,6 +7,7 @@ shared dataclasses below, so an option means the same thing, with the same defau
     TrainingArguments    the optimisation, checkpointing and launch options of train_loop
     ClassifierArguments  the classifier's class weights and lesion masks (train_classifier.py, finetune.py)
     EvaluationArguments  batch size and device of the evaluation scripts
+    FinetuneArguments    everything `finetuning.finetune` (and scripts/finetune.py) takes
 
 Each script adds a dataclass of its own options and may change a shared default in a subclass (`with_default`), in
 one visible place. This module imports only `transformers.HfArgumentParser` (about 1 s of CPU time; no torch,
@@ -20,9 +21,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from _help import HelpFormatter
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
+
+from ..cli import HelpFormatter
 
 # The --dataset names: the keys of `modeling_skinlesion.data.LOADERS` (not imported here: it needs `datasets`;
 # `load_source` refuses a name it lacks, listing its keys). 'clinic' is a folder of images and a CSV, 'hub' a Hub
@@ -87,6 +89,12 @@ class ArgumentParser(HfArgumentParser):
                 except ValueError as error:
                     self.error(str(error))
         return args
+
+
+CACHED_VIEWS_HELP = (
+    "With the frozen-feature cache: augmented views of each training image to cache (epoch e uses view e mod N, "
+    "with a random flip / quarter turn of the cached maps on top)."
+)
 
 
 def parse_arguments(dataclass_type: type, argv: list[str] | None = None, description: str | None = None) -> Any:
@@ -274,6 +282,102 @@ class EvaluationArguments:
         _at_least("--batch-size", self.batch_size)
 
 
+@dataclass(kw_only=True)
+class FinetuneArguments(ClassifierArguments, SplitArguments, TrainingArguments):
+    """The options of `finetuning.finetune` and scripts/finetune.py. Fine-tuning starts from trained weights, so four
+    defaults differ from train_classifier.py's: epochs 5, lr 1e-4, warmup ratio 0.1 and validation size 0.2."""
+
+    _argument_group_name = "checkpoint and clinic data"
+
+    checkpoint: str = field(metadata={"help": "Pretrained SkinDualNet: a saved folder or a Hub id."})
+    images: str = field(metadata={"help": "The clinic's image folder."})
+    csv: str = field(metadata={"help": "The clinic's CSV, one row per image."})
+    # The training scripts' --column-map (KEY=COLUMN of the CSV); `check` requires image= and label= here.
+    column_map: list[str] = with_default(DataArguments, "column_map", [])
+    masks_dir: str | None = field(
+        default=None, metadata={"help": "Folder the mask column is relative to (unset: --images)."}
+    )
+    source_name: str = field(default="clinic", metadata={"help": "Name of the clinic's data in the model card."})
+    labels: list[str] = field(
+        default_factory=list, metadata={"help": "The clinic's classes, in this order (unset: sorted names)."}
+    )
+    label_map: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "CLINIC_CLASS=CHECKPOINT_CLASS[,CHECKPOINT_CLASS...]: the checkpoint classes a clinic class "
+            "stands for."
+        },
+    )
+    site_map: list[str] = field(
+        default_factory=list, metadata={"help": "CLINIC_VALUE=SITE synonyms for anatomical sites."}
+    )
+    sex_map: list[str] = field(default_factory=list, metadata={"help": "CLINIC_VALUE=SEX synonyms."})
+    freeze_encoders: bool = field(
+        default=False, metadata={"help": "Freeze both image encoders (weights and BatchNorm statistics)."}
+    )
+    cache_features: bool = field(
+        default=True,
+        metadata={
+            "help": "With --freeze-encoders: compute the frozen part (segmenter masks, both trunks) once for "
+            "--cached-views augmented views and train the rest on the cache (off: every step runs the images)."
+        },
+    )
+    cached_views: int = field(default=3, metadata={"help": CACHED_VIEWS_HELP})
+    working_size: int = field(
+        default=2,
+        metadata={
+            "help": "Decode every clinic image once and keep a copy whose shorter side is this many times the "
+            "model's input size (0 = read the original files every time); larger images are shrunk, smaller kept."
+        },
+    )
+    recalibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, refit on the clinic's split: temperature and logit bias (validation), the "
+            "referral threshold (validation) and the out-of-distribution gate (train statistics, validation "
+            "threshold). Off: the model is saved uncalibrated and the inherited gate / referral marked as such."
+        },
+    )
+    malignant_labels: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "The clinic's malignant classes, for the referral point (unset: the classes named like one of "
+            "the checkpoint's malignant classes or mapped only onto them)."
+        },
+    )
+    referral_sensitivity: float = field(
+        default=0.90,
+        metadata={"help": "Sensitivity on the clinic's malignant validation cases of the referral point."},
+    )
+    ood_accept_rate: float = field(
+        default=0.99, metadata={"help": "Share of the clinic's validation images the refitted gate accepts."}
+    )
+
+    # Fine-tuning's own defaults for shared options (their help is the shared one).
+    epochs: int = with_default(TrainingArguments, "epochs", 5)
+    lr: float = with_default(TrainingArguments, "lr", 1e-4)
+    warmup_ratio: float = with_default(TrainingArguments, "warmup_ratio", 0.1)
+    val_size: float = with_default(SplitArguments, "val_size", 0.2)
+
+    def check(self) -> None:
+        for option, pairs in (
+            ("--column-map", self.column_map),
+            ("--label-map", self.label_map),
+            ("--site-map", self.site_map),
+            ("--sex-map", self.sex_map),
+        ):
+            check_pairs(option, pairs)
+        for key in ("image", "label"):
+            if not any(pair.startswith(f"{key}=") for pair in self.column_map):
+                raise ValueError(f"--column-map must map `{key}` to its CSV column, e.g. --column-map {key}=COLUMN")
+        _at_least("--cached-views", self.cached_views)
+        _at_least("--working-size", self.working_size, 0)
+        if not 0 < self.referral_sensitivity < 1:
+            raise ValueError(f"--referral-sensitivity must lie in (0, 1), got {self.referral_sensitivity}")
+        if not 0.5 <= self.ood_accept_rate < 1:
+            raise ValueError(f"--ood-accept-rate must lie in [0.5, 1), got {self.ood_accept_rate}")
+
+
 __all__ = [
     "DATASETS",
     "ArgumentParser",
@@ -281,6 +385,7 @@ __all__ = [
     "ClassifierArguments",
     "DataArguments",
     "EvaluationArguments",
+    "FinetuneArguments",
     "ModelArguments",
     "SplitArguments",
     "TrainingArguments",

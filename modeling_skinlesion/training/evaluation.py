@@ -22,8 +22,6 @@ import evaluate
 import numpy as np
 import pandas as pd
 import torch
-from _checkpoints import unwrap_pretrained
-from _training import cap, move_to, split_dataset
 from accelerate import Accelerator, PartialState
 from accelerate.utils import extract_model_from_parallel
 from PIL import Image
@@ -32,6 +30,9 @@ from transformers import AutoConfig
 from modeling_skinlesion import SkinDualNet, SkinLesionImageProcessor, SkinLesionSegmenter
 from modeling_skinlesion.data import column_values, label_names, prepare_for_transform
 from modeling_skinlesion.image_processing_skinlesion import load_image, to_binary_mask
+
+from .checkpoints import unwrap_pretrained
+from .loop import cap, move_to, split_dataset
 
 logger = logging.getLogger(__name__)
 SEGMENTATION_SUFFIX = "_segmentation.png"
@@ -174,7 +175,7 @@ def feature_forward(model, batch: dict, labels: bool = False):
 
 
 def blank_image_batch(size: tuple[int, int], device: torch.device, classifier: bool) -> dict[str, torch.Tensor]:
-    """A one-image stand-in for a batch whose every image was unreadable (see `_training.train_loop`)."""
+    """A one-image stand-in for a batch whose every image was unreadable (see `loop.train_loop`)."""
     batch = {
         "pixel_values": torch.zeros(1, 3, *size, device=device),
         "lesion_mask": torch.zeros(1, 1, *size, device=device),
@@ -221,7 +222,7 @@ def validate_classifier(model, dataloader, accelerator: Accelerator, forward) ->
 
 
 def classifier_task(forward, eval_dataloader, accelerator: Accelerator) -> dict[str, Any]:
-    """The classifier's part of `_training.train_loop` (train_classifier.py and finetune.py): the loss of
+    """The classifier's part of `loop.train_loop` (train_classifier.py and finetune.py): the loss of
     `forward(model, batch, labels=True)`, the gathered validation of `validate_classifier`, and the best epoch chosen
     by balanced accuracy."""
     return {
@@ -317,7 +318,7 @@ def label_remap(dataset: datasets.Dataset, names: list[str]) -> np.ndarray:
 
 def select_split(args: Any, dataset: datasets.Dataset, stratify_column: str) -> datasets.Dataset:
     """The rows to evaluate (`args.split` of the split and evaluation options): a training run's recorded ids
-    (`args.splits_file`), all rows, or the split training made (`_training.split_dataset`, same options), capped by
+    (`args.splits_file`), all rows, or the split training made (`loop.split_dataset`, same options), capped by
     --max-eval-samples as training caps its validation split."""
     if args.splits_file:
         recorded = json.loads(Path(args.splits_file).read_text())

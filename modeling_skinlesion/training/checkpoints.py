@@ -1,4 +1,4 @@
-"""Checkpoints of a training run (`_training.train_loop`): the progress state they carry (`TrainingState`), the
+"""Checkpoints of a training run (`loop.train_loop`): the progress state they carry (`TrainingState`), the
 rotated `accelerator.save_state` folders (`save_checkpoint`, `find_checkpoint` for `--resume`), and the best epoch's
 weights (`save_best`, `load_best`)."""
 

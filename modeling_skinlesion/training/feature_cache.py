@@ -1,4 +1,5 @@
-"""Cheap CPU epochs for `train_classifier.py --frozen-stages K`: train on cached frozen-trunk features.
+"""Cheap CPU epochs on cached frozen-trunk features: `train_classifier.py --frozen-stages K`, and fine-tuning with
+frozen encoders (`finetuning.finetune(..., freeze_encoders=True)`, `WHOLE_TRUNK`: the trunks' whole output is cached).
 
 The stem and the first K stages (`blocks[:K]`) of both classifier trunks stay frozen at their ImageNet weights. Their
 outputs are computed once, for `--cached-views` augmented views of every training image (view `v` is the training
@@ -10,8 +11,10 @@ transformer and the classifier. Epoch `e` reads view `e % views`, with a random 
 maps on top. The frozen part runs in eval mode (its BatchNorm statistics are the ImageNet ones), exactly as in the
 full model at inference, so the saved model gives the same logits as the cached path (tested).
 
-Only EfficientNet/MobileNet-family timm trunks (`conv_stem`, `bn1`, `blocks`, `conv_head`, `bn2`) can be split this
-way; other trunks are refused with a clear error.
+Only EfficientNet/MobileNet-family timm trunks (`conv_stem`, `bn1`, `blocks`, `conv_head`, `bn2`) can be split after
+K stages; other trunks are refused with a clear error. `frozen_stages=WHOLE_TRUNK` caches `forward_features` of any
+timm trunk (DenseNet included): then only the token projection on, which the caller keeps frozen or not, runs per
+epoch.
 """
 
 import hashlib
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 STAGE_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+WHOLE_TRUNK = -1  # `frozen_stages` value: the whole trunk is frozen and its last feature map cached
 CACHE_KEYS = ("image_features", "lesion_features", "age", "sex_ids", "site_ids", "labels", "index")
 
 
@@ -61,10 +65,13 @@ def freeze_stages(model: nn.Module, frozen_stages: int) -> None:
 
 @torch.no_grad()
 def frozen_features(trunk: nn.Module, pixel_values: torch.Tensor, frozen_stages: int) -> torch.Tensor:
-    """Output of the frozen part (stem + `blocks[:frozen_stages]`) in eval mode: `(batch_size, channels, h, w)`."""
+    """Output of the frozen part (stem + `blocks[:frozen_stages]`, or the whole trunk) in eval mode:
+    `(batch_size, channels, h, w)`."""
     was_training = trunk.training
     trunk.eval()
     try:
+        if frozen_stages == WHOLE_TRUNK:
+            return trunk.forward_features(pixel_values)
         hidden_states = trunk.bn1(trunk.conv_stem(pixel_values))
         for stage in trunk.blocks[:frozen_stages]:
             hidden_states = stage(hidden_states)
@@ -74,7 +81,10 @@ def frozen_features(trunk: nn.Module, pixel_values: torch.Tensor, frozen_stages:
 
 
 def trainable_features(trunk: nn.Module, hidden_states: torch.Tensor, frozen_stages: int) -> torch.Tensor:
-    """The rest of `forward_features` from the frozen part's output: `blocks[frozen_stages:]`, `conv_head`, `bn2`."""
+    """The rest of `forward_features` from the frozen part's output: `blocks[frozen_stages:]`, `conv_head`, `bn2`
+    (nothing for `WHOLE_TRUNK`)."""
+    if frozen_stages == WHOLE_TRUNK:
+        return hidden_states
     for stage in trunk.blocks[frozen_stages:]:
         hidden_states = stage(hidden_states)
     return trunk.bn2(trunk.conv_head(hidden_states))
@@ -196,8 +206,11 @@ def weights_digest(model: nn.Module, frozen_stages: int) -> str:
     """Checksum of every weight the cached views depend on: the frozen trunk parts and the segmenter (its masks build
     the lesion images). Computed once per run."""
     digest = hashlib.sha1()
-    parts = {f"{name}.{i}": module for name, trunk in trunks(model).items()
-             for i, module in enumerate((trunk.conv_stem, trunk.bn1, *trunk.blocks[:frozen_stages]))}  # fmt: skip
+    if frozen_stages == WHOLE_TRUNK:
+        parts = {name: trunk for name, trunk in trunks(model).items()}
+    else:
+        parts = {f"{name}.{i}": module for name, trunk in trunks(model).items()
+                 for i, module in enumerate((trunk.conv_stem, trunk.bn1, *trunk.blocks[:frozen_stages]))}  # fmt: skip
     parts["segmenter"] = model.segmenter
     for name, module in parts.items():
         for tensor in module.state_dict().values():
@@ -253,14 +266,17 @@ def cached_dataloaders(
     train_transform: Any,
     eval_transform: Any,
     output_dir: Path,
+    frozen_stages: int | None = None,
 ) -> tuple[CachedLoader, CachedLoader]:
     """The frozen part's outputs for `args.cached_views` training views and the validation split, computed once (or
     read back from `output_dir/feature-cache`), as this process's training and validation loaders. `args` holds
-    `train_classifier.py`'s options (frozen_stages, cached_views, train_masks, eval_masks, seed, batch sizes)."""
-    from _evaluation import lesion_masks
-
+    the training options (cached_views, train_masks, eval_masks, seed, batch sizes, and frozen_stages unless
+    `frozen_stages` is given)."""
     from modeling_skinlesion.data import build_dataloader, column_values
 
+    from .evaluation import lesion_masks
+
+    frozen_stages = args.frozen_stages if frozen_stages is None else frozen_stages
     model.to(accelerator.device)
     batch_size = args.eval_batch_size or 2 * args.batch_size
     rank, quiet = accelerator.process_index, not accelerator.is_local_main_process
@@ -268,17 +284,17 @@ def cached_dataloaders(
     train_images = accelerator.prepare(build_dataloader(splits["train"], train_transform, batch_size))
     eval_images = accelerator.prepare(build_dataloader(splits["validation"], eval_transform, batch_size))
     settings = {"seed": args.seed, "train_masks": args.train_masks, "size": model.config.image_size}
-    weights = weights_digest(model, args.frozen_stages)
+    weights = weights_digest(model, frozen_stages)
 
     def compute(images: Any, ground_truth: bool, dtype: torch.dtype, description: str) -> dict[str, torch.Tensor]:
         masks = lambda batch: lesion_masks(model, batch, ground_truth)  # noqa: E731
-        return compute_view(model, images, args.frozen_stages, masks, dtype, description, quiet)
+        return compute_view(model, images, frozen_stages, masks, dtype, description, quiet)
 
     train_ids = column_values(splits["train"], "image_id")
     views = []
     for view in range(args.cached_views):
         train_transform.set_epoch(view)
-        key = cache_key(weights, args.frozen_stages, train_ids, {**settings, "view": view})
+        key = cache_key(weights, frozen_stages, train_ids, {**settings, "view": view})
         description = f"cache train view {view + 1}/{args.cached_views}"
         views.append(
             load_or_compute(
@@ -291,7 +307,7 @@ def cached_dataloaders(
         )
     train_transform.set_epoch(0)
     eval_ids = column_values(splits["validation"], "image_id")
-    key = cache_key(weights, args.frozen_stages, eval_ids, {"eval_masks": args.eval_masks})
+    key = cache_key(weights, frozen_stages, eval_ids, {"eval_masks": args.eval_masks})
     eval_view = load_or_compute(
         cache_dir / f"validation-rank{rank}.pt",
         key,

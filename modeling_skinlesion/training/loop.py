@@ -4,8 +4,8 @@ uses it: the Accelerator with logging and seed (`start_accelerator`), the data (
 (loaders, AdamW, schedule, `accelerator.prepare`, resume) and `train_loop`, the one epoch loop of all three scripts,
 then what a run writes (`run_record` for metrics.json, `save_run` with the model card of
 `modeling_skinlesion.model_card`). Each script keeps its arguments, model, loss and validation in its own `main()`,
-readable top to bottom. Checkpoints are in `_checkpoints.py`, evaluation in `_evaluation.py`, the command-line
-options in `_arguments.py`."""
+readable top to bottom. Checkpoints are in `checkpoints.py`, evaluation in `evaluation.py`, the command-line
+options in `arguments.py`."""
 
 import json
 import logging
@@ -19,8 +19,6 @@ from typing import Any, Literal
 
 import datasets
 import torch
-from _arguments import DataArguments, SplitArguments, TrainingArguments
-from _checkpoints import TrainingState, find_checkpoint, load_best, save_best, save_checkpoint
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
@@ -37,6 +35,9 @@ from modeling_skinlesion.data import (
     load_source,
     validate_files,
 )
+
+from .arguments import DataArguments, SplitArguments, TrainingArguments
+from .checkpoints import TrainingState, find_checkpoint, load_best, save_best, save_checkpoint
 
 logger = get_logger(__name__)
 
@@ -300,9 +301,10 @@ def run_record(accelerator: Accelerator, args: Any, state: "TrainingState", time
 def training_facts(args: Any, metrics: dict[str, Any]) -> dict[str, str]:
     """The run's split, schedule and wall time, for the "Training data" list of the model card."""
     split = ", ".join(f"{name} {entry['images']} images" for name, entry in metrics["split"].items())
+    epochs = sum(record["epoch"] >= 0 for record in metrics["history"])  # not the starting model's "epoch 0"
     return {
         "split": f"lesion-grouped, seed {args.split_seed}: {split}",
-        "schedule": f"{len(metrics['history'])} epochs, {metrics['steps']} steps of batch {args.batch_size} x "
+        "schedule": f"{epochs} epochs, {metrics['steps']} steps of batch {args.batch_size} x "
         f"{metrics['num_processes']} process(es) x {args.grad_accum} accumulation, lr {args.lr}, seed {args.seed}, "
         f"precision {args.mixed_precision}",
         "wall time": f"{metrics['wall_time_s'] / 60:.1f} min",
@@ -446,6 +448,7 @@ def train_loop(
     best_key: str,
     scores: tuple[str, ...],
     frozen: tuple[torch.nn.Module, ...] = (),
+    baseline: bool = False,
 ) -> None:
     """The epochs of the three training scripts: accumulated, clipped AdamW steps with step checkpoints, then per epoch
     validation, best-model selection on `best_key`, a log line, tracker scalars and an end-of-epoch checkpoint.
@@ -456,10 +459,22 @@ def train_loop(
     in eval mode while the rest trains (their BatchNorm statistics stay as loaded). The loop ends with the best
     epoch's weights loaded back into `run.model`. Progress lives in
     `run.state` (history, best epoch, steps), which checkpoints carry, so a resumed run continues where it stopped.
+
+    With `baseline` (fine-tuning), the model as it starts is validated first and counts as "epoch 0" of the model
+    selection (recorded with `"epoch": -1`): an epoch is kept only if it beats the starting model, otherwise the
+    starting weights come back.
     """
     model, state, progress, checkpoints_dir = run.model, run.state, run.progress, run.checkpoints_dir
     state.best_key = best_key
     saved_step = state.completed_steps if run.checkpoint is not None else None
+    if baseline and run.checkpoint is None and not state.history:
+        validation = evaluate(model)
+        state.best_metric, state.best_epoch = validation[best_key], -1
+        save_best(accelerator, model, checkpoints_dir / "best_model")
+        state.history.append(
+            {"epoch": -1, "step": 0, "train_loss": None, "dropped_files": 0, "validation": validation}
+        )
+        logger.info(f"epoch 0 (the starting model) {format_metrics(validation, scores)} | {timer.elapsed():.0f}s")
     for epoch in range(run.starting_epoch, run.epochs):
         if state.completed_steps >= run.max_steps:
             break
