@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The clinic: folder + CSV, a fixed held-out part, nested subsets of the rest -------------------------------------
     manifest = pd.read_csv(args.isic2017_root / "manifest.csv", dtype={"image_id": str})
+    unlabelled = manifest["diagnosis"].isna()
+    if unlabelled.any():
+        logger.info(
+            f"Leaving out {int(unlabelled.sum())} images without a diagnosis: {list(manifest['image_id'][unlabelled])}"
+        )
+        manifest = manifest[~unlabelled].reset_index(drop=True)
     table = pd.DataFrame(
         {
             "file": manifest["image_id"] + ".jpg",

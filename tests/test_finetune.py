@@ -176,6 +176,12 @@ def test_finetune_end_to_end_on_a_relabelled_clinic(checkpoint, clinic, tmp_path
     name = "fusion.lesion_to_image.0.mlp.0.weight"
     assert torch.equal(base[name], tuned[name]) == report["kept_starting_model"]
     assert (output / "preprocessor_config.json").is_file()
+    # Hub-ready like the shipped checkpoint: the analysis pipeline loads the saved folder through its remote code.
+    from transformers import pipeline
+
+    analyse = pipeline("skin-lesion-analysis", model=str(output), trust_remote_code=True)
+    result = analyse(str(next((clinic / "photos").glob("*.jpg"))), explain=False)
+    assert set(result["probabilities"]) == {"melanoma", "naevus", "other"} and result["in_distribution"] is not None
     splits = json.loads((output / "splits.json").read_text())
     assert len(splits["train"]) + len(splits["validation"]) + len(splits["test"]) == 60
     assert not set(splits["train"]) & set(splits["validation"]) and not set(splits["test"]) & set(splits["train"])

@@ -321,8 +321,15 @@ def save_run(
     card.setdefault("datasets", training_datasets(metrics))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(output_dir, safe_serialization=True)
-        processor.save_pretrained(output_dir)
+        if getattr(model.config, "model_type", None) == "skin_dualnet":
+            # Hub-ready: with the pipeline's code too, so `pipeline("skin-lesion-analysis", model=output_dir,
+            # trust_remote_code=True)` works on the saved folder as on the shipped checkpoint.
+            from modeling_skinlesion.pipeline_skinlesion import save_for_hub
+
+            save_for_hub(model, output_dir, processor)
+        else:
+            model.save_pretrained(output_dir, safe_serialization=True)
+            processor.save_pretrained(output_dir)
         write_json(output_dir / "metrics.json", metrics)
         write_model_card(output_dir, model.config, metrics=metrics, **card)
     accelerator.wait_for_everyone()
